@@ -1,0 +1,272 @@
+"""megatron-core GPT models whose chosen layers use the STEM MLP.
+
+`build_model_chunks(cfg, engine_factory)` returns this rank's model chunks (one per virtual
+pipeline stage). Dense layers use megatron's SwiGLU `MLP`; STEM layers use `StemMLP`, chosen
+per layer by `ModuleSpec`. The local spec is used without Transformer Engine, the TE spec with it.
+
+Token ids reach the STEM layers through the model's own forward (`StemGPTModel.forward` takes
+`input_ids` on every pipeline stage): one table exchange per micro-batch and chunk produces a
+`StemContext` that every STEM MLP of the chunk reads. Under pipeline schedules a chunk runs the
+forward of later micro-batches before the backward (and activation recompute) of earlier ones,
+so a hook on the chunk's output re-installs that micro-batch's context when its backward starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from stem_megatron.config import ExperimentConfig
+from stem_megatron.stem.mlp import StemContext, StemMLP
+
+try:  # Transformer Engine is optional (GPU clusters / NGC containers)
+    import transformer_engine  # noqa: F401
+    from megatron.core.extensions.transformer_engine import (
+        TELayerNormColumnParallelLinear,
+        TENorm,
+        TERowParallelLinear,
+    )
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    HAVE_TE = True
+except Exception:  # ImportError, or TE present but broken for this torch/CUDA
+    HAVE_TE = False
+
+
+class Norm(torch.nn.Module):
+    """RMSNorm / LayerNorm for the local spec.
+
+    megatron's torch fallback (`WrappedTorchNorm`) refuses sequence parallelism; this one tags its
+    parameters `sequence_parallel` so `finalize_model_grads` all-reduces their gradients over TP.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__()
+        self.rms = config.normalization == "RMSNorm"
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.bias = None if self.rms else torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        for p in self.parameters():
+            p.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x):
+        if self.rms:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def use_transformer_engine(cfg: ExperimentConfig) -> bool:
+    impl = cfg.model.transformer_impl
+    if impl == "transformer_engine":
+        if not HAVE_TE:
+            raise RuntimeError("model.transformer_impl=transformer_engine but Transformer Engine does not import")
+        return True
+    if impl == "local":
+        return False
+    return HAVE_TE and torch.cuda.is_available()
+
+
+def transformer_config(cfg: ExperimentConfig) -> TransformerConfig:
+    """megatron TransformerConfig for this experiment (Llama-style: RMSNorm, SwiGLU, RoPE, no biases)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    on_gpu = torch.cuda.is_available()
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu)
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        context_parallel_size=p.context_parallel_size,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_cpu_initialization=not on_gpu,
+        recompute_granularity=t.recompute_granularity,
+        recompute_method=t.recompute_method,
+        recompute_num_layers=t.recompute_num_layers,
+        # Fused kernels need apex/TE/CUDA; the unfused paths compute the same function.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        batch_p2p_sync=on_gpu,
+        # gloo trap: batch_isend_irecv posts the activation and the gradient for the same peer on the
+        # same tag (PP=2 with VPP), and gloo may match them swapped: silently wrong results. The
+        # unbatched path sends the two directions on two different groups.
+        batch_p2p_comm=on_gpu,
+    )
+
+
+def _stem_mlp_spec(use_te: bool) -> ModuleSpec:
+    if use_te:
+        fc1, fc2 = TELayerNormColumnParallelLinear, TERowParallelLinear
+    else:
+        fc1, fc2 = ColumnParallelLinear, RowParallelLinear
+    return ModuleSpec(module=StemMLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2))
+
+
+def layer_spec(cfg: ExperimentConfig, *, stem: bool, use_te: bool) -> ModuleSpec:
+    """Spec of one transformer layer: megatron's GPT layer, with the MLP swapped for STEM layers."""
+    if use_te:
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+        spec = copy.deepcopy(spec)
+        spec.submodules.input_layernorm = Norm
+        spec.submodules.pre_mlp_layernorm = Norm
+    if stem:
+        spec = copy.deepcopy(spec)
+        spec.submodules.mlp = _stem_mlp_spec(use_te)
+    return spec
+
+
+def block_spec(cfg: ExperimentConfig, tcfg: TransformerConfig, *, use_te: bool, vp_stage: int | None):
+    """This pipeline stage's (and virtual stage's) layer specs, each STEM or dense by global index."""
+    stem_layers = set(cfg.stem.stem_layer_indices(cfg.model.num_layers))
+    offset = get_transformer_layer_offset(tcfg, vp_stage=vp_stage)
+    n_local = get_num_layers_to_build(tcfg, vp_stage=vp_stage)
+    specs = [layer_spec(cfg, stem=(offset + i) in stem_layers, use_te=use_te) for i in range(n_local)]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=TENorm if use_te else Norm)
+
+
+class StemGPTModel(GPTModel):
+    """GPTModel whose STEM layers read table rows exchanged once per micro-batch.
+
+    `engine_factory(layer_ids)` builds the table engine for this chunk's STEM layers (global 0-based
+    indices); it is not called for a chunk without STEM layers. The engine is a plain object, not a
+    submodule: tables stay out of DDP, of `Float16Module`'s cast and of megatron's optimizer.
+    """
+
+    def __init__(self, *args, engine_factory: Callable | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stem_mlps: list[StemMLP] = [m for m in self.modules() if isinstance(m, StemMLP)]
+        layer_ids = [m.layer_number - 1 for m in self.stem_mlps]
+        self.stem_slot_of_layer = {layer: slot for slot, layer in enumerate(layer_ids)}
+        self.stem_engine = None
+        if layer_ids:
+            if engine_factory is None:
+                raise ValueError("the model has STEM layers but no engine_factory was given")
+            self.stem_engine = engine_factory(layer_ids)
+
+    def _install(self, ctx: StemContext | None) -> None:
+        for mlp in self.stem_mlps:
+            mlp.stem_context = ctx
+
+    def _on_backward_start(self, ctx: StemContext, grad):
+        self._install(ctx)  # this micro-batch's rows, for activation recompute in its backward
+        return None
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
+        ctx = None
+        if self.stem_engine is not None:
+            if input_ids is None:
+                raise ValueError("STEM layers need input_ids on every pipeline stage")
+            lookup = self.stem_engine.lookup(input_ids)
+            ctx = StemContext(
+                rows_ULf=lookup.rows,
+                inverse_sb=lookup.inverse.t().contiguous(),
+                slot_of_layer=self.stem_slot_of_layer,
+            )
+        self._install(ctx)
+        out = super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+        if ctx is not None and torch.is_grad_enabled() and out.requires_grad:
+            out.register_hook(functools.partial(self._on_backward_start, ctx))
+        return out
+
+
+def build_model_chunks(cfg: ExperimentConfig, engine_factory: Callable | None = None) -> list[StemGPTModel]:
+    """This rank's model chunks (one per virtual pipeline stage), on the current device.
+
+    Needs megatron parallel_state to be initialised with cfg's layout.
+    """
+    tcfg = transformer_config(cfg)
+    use_te = use_transformer_engine(cfg)
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    tp = cfg.parallel.tensor_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp) if vpp else [None]:
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        model = StemGPTModel(
+            config=tcfg,
+            transformer_layer_spec=block_spec(cfg, tcfg, use_te=use_te, vp_stage=vp_stage),
+            vocab_size=cfg.model.padded_vocab_size(tp),
+            max_sequence_length=cfg.model.seq_length,
+            pre_process=pre,
+            post_process=post,
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=cfg.model.rotary_base,
+            vp_stage=vp_stage,
+            engine_factory=engine_factory,
+        )
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks
+
+
+def stem_engine_factory(cfg: ExperimentConfig) -> Callable | None:
+    """Engine factory for `build_model_chunks`, or None for a dense model.
+
+    Builds the STEM shard/replica groups (a collective: every rank calls this once, after
+    `initialize_model_parallel`). Tables are fp32 masters; rows used in compute follow the model's
+    dtype (bf16 on GPU).
+    """
+    if not cfg.stem.stem_layer_indices(cfg.model.num_layers):
+        return None
+    from stem_megatron.stem.engine import StemTableEngine
+    from stem_megatron.stem.groups import build_stem_groups
+
+    groups = build_stem_groups(cfg.stem.shard_size)
+    tcfg = transformer_config(cfg)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    def factory(layer_ids: list[int]):
+        return StemTableEngine(
+            vocab_size=cfg.model.vocab_size,
+            layer_ids=layer_ids,
+            ffn_hidden_size=cfg.model.ffn_hidden_size,
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+            shard_group=groups.shard_group,
+            replica_group=groups.replica_group,
+            init_std=cfg.stem.init_std,
+            seed=cfg.train.seed,
+            compute_dtype=tcfg.params_dtype,
+            device=device,
+            deterministic=cfg.stem.deterministic,
+        )
+
+    return factory

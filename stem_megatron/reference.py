@@ -1,0 +1,143 @@
+"""A plain-PyTorch STEM transformer (no megatron imports): the single-process reference.
+
+Llama-style (RMSNorm, RoPE, GQA, SwiGLU) with Hugging Face Llama parameter names; STEM layers
+replace `mlp.up_proj` by `mlp.stem_table` ([V, F]): `down(SiLU(gate(x)) * table[ids])`.
+Used by the tests as the independent reference for the megatron model, and by export as the
+model class that loads an exported checkpoint.
+
+Legend: b batch, s sequence, h hidden, n heads, g KV groups, d head dim, f ffn, v vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(kw_only=True)
+class ReferenceConfig:
+    vocab_size: int  # embedding / output rows
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    ffn_hidden_size: int
+    stem_layers: list[int] = field(default_factory=list)
+    table_vocab_size: int | None = None  # STEM table rows; None = vocab_size
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = True
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ReferenceConfig):
+        super().__init__()
+        self.c = c
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_query_groups * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_query_groups * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x_bsh, cos_sd, sin_sd):
+        c = self.c
+        b, s, _ = x_bsh.shape
+        q_bnsd = self.q_proj(x_bsh).view(b, s, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        k_bgsd = self.k_proj(x_bsh).view(b, s, c.num_query_groups, c.head_dim).transpose(1, 2)
+        v_bgsd = self.v_proj(x_bsh).view(b, s, c.num_query_groups, c.head_dim).transpose(1, 2)
+        q_bnsd = q_bnsd * cos_sd + _rotate_half(q_bnsd) * sin_sd
+        k_bgsd = k_bgsd * cos_sd + _rotate_half(k_bgsd) * sin_sd
+        rep = c.num_attention_heads // c.num_query_groups
+        k_bnsd = k_bgsd.repeat_interleave(rep, dim=1)
+        v_bnsd = v_bgsd.repeat_interleave(rep, dim=1)
+        scores = (q_bnsd @ k_bnsd.transpose(-1, -2)) / c.head_dim**0.5
+        causal = torch.ones(s, s, dtype=torch.bool, device=x_bsh.device).triu(1)
+        probs = scores.masked_fill(causal, float("-inf")).softmax(-1)
+        out_bsh = (probs @ v_bnsd).transpose(1, 2).reshape(b, s, -1)
+        return self.o_proj(out_bsh)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, c: ReferenceConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.ffn_hidden_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(c.ffn_hidden_size, c.hidden_size, bias=False)
+
+    def forward(self, x_bsh, ids_bs):
+        return self.down_proj(F.silu(self.gate_proj(x_bsh)) * self.up_proj(x_bsh))
+
+
+class StemFFN(nn.Module):
+    """down(SiLU(gate(x)) * E[ids]): the up-projection replaced by a token-indexed table."""
+
+    def __init__(self, c: ReferenceConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.ffn_hidden_size, bias=False)
+        self.stem_table = nn.Embedding(c.table_vocab_size or c.vocab_size, c.ffn_hidden_size)
+        self.down_proj = nn.Linear(c.ffn_hidden_size, c.hidden_size, bias=False)
+
+    def forward(self, x_bsh, ids_bs):
+        return self.down_proj(F.silu(self.gate_proj(x_bsh)) * self.stem_table(ids_bs))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ReferenceConfig, stem: bool):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(c.hidden_size, eps=c.norm_epsilon)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, eps=c.norm_epsilon)
+        self.mlp = StemFFN(c) if stem else SwiGLU(c)
+
+    def forward(self, x_bsh, ids_bs, cos_sd, sin_sd):
+        x_bsh = x_bsh + self.self_attn(self.input_layernorm(x_bsh), cos_sd, sin_sd)
+        return x_bsh + self.mlp(self.post_attention_layernorm(x_bsh), ids_bs)
+
+
+class Backbone(nn.Module):
+    def __init__(self, c: ReferenceConfig):
+        super().__init__()
+        stem = set(c.stem_layers)
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c, i in stem) for i in range(c.num_layers))
+        self.norm = nn.RMSNorm(c.hidden_size, eps=c.norm_epsilon)
+
+
+class ReferenceStemLM(nn.Module):
+    """forward(ids [b, s]) -> logits [b, s, vocab]; `loss(ids, labels)` -> per-token losses [b, s]."""
+
+    def __init__(self, c: ReferenceConfig):
+        super().__init__()
+        self.config = c
+        self.model = Backbone(c)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+
+    def _rope(self, s, device, dtype):
+        d = self.config.head_dim
+        inv_freq = 1.0 / (self.config.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+        freqs_sd = torch.outer(torch.arange(s, dtype=torch.float32, device=device), inv_freq)
+        emb_sd = torch.cat((freqs_sd, freqs_sd), dim=-1)
+        return emb_sd.cos().to(dtype), emb_sd.sin().to(dtype)
+
+    def forward(self, ids_bs: torch.Tensor) -> torch.Tensor:
+        x_bsh = self.model.embed_tokens(ids_bs)
+        cos_sd, sin_sd = self._rope(ids_bs.shape[1], ids_bs.device, x_bsh.dtype)
+        for layer in self.model.layers:
+            x_bsh = layer(x_bsh, ids_bs, cos_sd, sin_sd)
+        x_bsh = self.model.norm(x_bsh)
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return x_bsh @ head.t()
+
+    def loss(self, ids_bs: torch.Tensor, labels_bs: torch.Tensor) -> torch.Tensor:
+        logits_bsv = self.forward(ids_bs)
+        return F.cross_entropy(logits_bsv.flatten(0, 1).float(), labels_bs.flatten(), reduction="none").view_as(
+            labels_bs
+        )
