@@ -1,0 +1,74 @@
+"""Entry point: `python -m stem_megatron.train --config X.yaml [section.key=value ...] [--dry-run]`.
+
+Run under torchrun (see launch/torchrun.sh). `--dry-run` prints the resolved config, parameter
+counts and FLOPs and exits without starting a process group or allocating the model.
+Exit codes: 0 done (or stopped cleanly by SIGTERM/SIGUSR1), 2 bad config, 3 non-finite abort.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="stem-train", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    ap.add_argument("--dry-run", action="store_true", help="print the resolved config and counts, then exit")
+    ap.add_argument("--summary-json", help="rank 0 writes the run summary here")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from stem_megatron.config import ConfigError, load_config
+    from stem_megatron.flops import format_counts
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"stem-train: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(cfg.to_yaml().rstrip())
+        print()
+        print(format_counts(cfg))
+        return 0
+
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    import torch.distributed as dist
+
+    from stem_megatron.training.trainer import NonFiniteAbort, Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        if trainer.is_logger:
+            os.makedirs(trainer.log_dir, exist_ok=True)
+            with open(os.path.join(trainer.log_dir, "config.yaml"), "w") as f:
+                f.write(cfg.to_yaml())
+        summary = trainer.train()
+    except ConfigError as e:
+        print(f"stem-train: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteAbort as e:
+        print(f"stem-train: aborted: {e}", file=sys.stderr)
+        return 3
+    if trainer.is_logger:
+        print("summary: " + json.dumps(summary), flush=True)
+        if args.summary_json:
+            with open(args.summary_json, "w") as f:
+                json.dump(summary, f, indent=2)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: the loop on megatron-core schedules, LR schedules, logging, checkpoints."""

@@ -1,0 +1,361 @@
+"""The pretraining loop on megatron-core schedules, with STEM tables outside DDP.
+
+One step:
+1. every rank builds its micro-batches (`batches.StepBatches`);
+2. megatron's forward/backward schedule for the layout (no pipelining, 1F1B, interleaved) runs
+   them; each model chunk exchanges its STEM rows once per micro-batch; the loss is summed over
+   tokens (`calculate_per_token_loss`) and `finalize_model_grads` scales dense gradients by
+   1 / (global number of loss tokens);
+3. the table engines reduce their row gradients once per step (scaled by the same 1 / tokens);
+4. one global gradient norm over dense and table gradients; clipping scales both;
+5. a non-finite loss or norm skips the step on every rank (counted); `train.max_skipped_steps`
+   consecutive skips abort the run;
+6. megatron's optimizer steps dense parameters, `RowSparseAdamW` the touched table rows, each
+   with its own LR schedule.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from stem_megatron.config import ExperimentConfig
+from stem_megatron.flops import flops_per_token
+from stem_megatron.training.batches import StepBatches
+from stem_megatron.training.lr_schedule import dense_schedule, table_schedule
+from stem_megatron.training.metrics import MetricsLogger
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "H800": 989e12, "B200": 2250e12}
+
+
+class NonFiniteAbort(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    grad_norm: float
+    skipped: bool
+    tokens: int
+    seconds: float
+    lr: float
+    table_lr: float
+
+
+def _loss_func(loss_mask, poison, output_tensor):
+    losses = output_tensor.float()
+    loss_sum = (losses * loss_mask).sum()
+    if poison:
+        loss_sum = loss_sum * float("nan")
+    num_tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach().float()])}
+
+
+def peak_flops() -> float | None:
+    """Peak bf16 dense FLOP/s of one device, from STEM_PEAK_TFLOPS or the GPU's name (None on CPU)."""
+    if os.environ.get("STEM_PEAK_TFLOPS"):
+        return float(os.environ["STEM_PEAK_TFLOPS"]) * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class Trainer:
+    """Build with a validated config, `setup()`, then `train()` (or drive `train_step` yourself)."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.step = 0
+        self.consecutive_skips = 0
+        self.skipped_steps = 0
+        self.poison_steps: set[int] = set()  # fault injection for tests: these steps' loss becomes NaN
+        self.stop_requested: str | None = None
+        self.checkpointer = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, datasets=None) -> None:
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.transformer.module import Float16Module
+
+        from stem_megatron.model import build_model_chunks, stem_engine_factory
+        from stem_megatron.parallel import init_distributed, initialize_model_parallel
+        from stem_megatron.stem.optimizer import RowSparseAdamW
+
+        cfg = self.cfg
+        init_distributed()
+        self.info = initialize_model_parallel(cfg)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.chunks = build_model_chunks(cfg, stem_engine_factory(cfg))
+        self.engines = [c.stem_engine for c in self.chunks if c.stem_engine is not None]
+        tcfg = self.chunks[0].config
+        tcfg.calculate_per_token_loss = True
+        self.bf16 = tcfg.bf16
+        p = cfg.parallel
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=p.overlap_grad_reduce,
+            use_distributed_optimizer=p.use_distributed_optimizer,
+        )
+        wrapped = [Float16Module(tcfg, c) if self.bf16 else c for c in self.chunks]
+        self.model = [
+            DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=m, disable_bucketing=i > 0)
+            for i, m in enumerate(wrapped)
+        ]
+        t = cfg.train
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+                clip_grad=0.0,  # clipping is global over dense + table gradients, done here
+                bf16=self.bf16, params_dtype=tcfg.params_dtype,
+                use_distributed_optimizer=p.use_distributed_optimizer,
+            ),
+            self.model,
+        )
+        self.table_optimizer = RowSparseAdamW(
+            self.engines, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=cfg.stem.weight_decay
+        )
+        tcfg.finalize_model_grads_func = finalize_model_grads
+        if p.overlap_grad_reduce:
+            tcfg.no_sync_func = [m.no_sync for m in self.model]
+            if len(self.model) == 1:
+                tcfg.no_sync_func = tcfg.no_sync_func[0]
+            tcfg.grad_sync_func = [m.start_grad_sync for m in self.model]
+            if len(self.model) == 1:
+                tcfg.grad_sync_func = tcfg.grad_sync_func[0]
+        self.dense_lr = dense_schedule(cfg)
+        self.table_lr = table_schedule(cfg)
+        self.dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.is_logger = dist.get_rank() == 0
+        self.flops_per_token = flops_per_token(cfg).training
+        self.peak = peak_flops()
+        train_ds, valid_ds = datasets if datasets is not None else self._build_datasets()
+        mk = functools.partial(
+            StepBatches, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+            dp_rank=self.info.dp_rank, dp_size=self.info.dp_size,
+        )
+        self.train_batches = mk(train_ds)
+        self.valid_batches = mk(valid_ds) if valid_ds is not None else None
+        log_dir = cfg.logging.tensorboard_dir or os.path.join(
+            cfg.checkpoint.save or os.path.join("runs", cfg.logging.run_name), "tensorboard"
+        )
+        self.metrics = MetricsLogger(log_dir, enabled=self.is_logger)
+        self.log_dir = log_dir
+
+    def _build_datasets(self):
+        from stem_megatron.data.datasets import build_gpt_datasets
+        from stem_megatron.data.tokenizer import load_tokenizer
+
+        cfg, t = self.cfg, self.cfg.train
+        tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type)
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
+            )
+        n_eval = (t.train_steps // t.eval_interval + 1) * t.eval_iters * t.global_batch_size if t.eval_interval else 0
+        train, valid, _ = build_gpt_datasets(
+            cfg.data, seq_length=cfg.model.seq_length, seed=t.seed,
+            train_samples=t.train_steps * t.global_batch_size, valid_samples=n_eval, test_samples=0,
+            tokenizer=tokenizer, create_attention_mask=False,
+        )
+        return train, valid
+
+    # ------------------------------------------------------------------ one step
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        poison = self.step in self.poison_steps and model.training
+        return out, functools.partial(_loss_func, batch["loss_mask"], poison)
+
+    def _run_schedule(self, batches, forward_only: bool) -> torch.Tensor:
+        """Run the schedule; returns [loss_sum, tokens] summed over the whole global batch (every rank)."""
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        model = self.model if len(self.model) > 1 else self.model[0]
+        iters = [iter(batches) for _ in self.model] if len(self.model) > 1 else iter(batches)
+        out = get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=iters, model=model,
+            num_microbatches=len(batches), seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only,
+        )
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.is_last_stage and parallel_state.get_tensor_model_parallel_rank() == 0:
+            for item in out:
+                total += item["lm loss"].double()
+        dist.all_reduce(total)  # one contributor per DP rank (last stage, TP rank 0)
+        return total
+
+    def train_step(self) -> StepResult:
+        t0 = time.perf_counter()
+        for m in self.model:
+            m.train()
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.table_optimizer.zero_grad()
+        batches = self.train_batches(self.step, self.device)
+        total = self._run_schedule(batches, forward_only=False)
+        loss_sum, tokens = total[0].item(), int(total[1].item())
+        for e in self.engines:
+            e.reduce_grads()
+        found_inf = self.optimizer.prepare_grads()
+        dense_norm = self.optimizer.get_grad_norm() or 0.0
+        # Table gradients are sums over tokens; dense ones were scaled by 1/tokens in finalize.
+        inv_tokens = 1.0 / max(tokens, 1)
+        from stem_megatron.stem.engine import table_grad_sq_norm
+
+        table_sq = table_grad_sq_norm(self.engines).item() * inv_tokens**2
+        grad_norm = math.sqrt(dense_norm**2 + table_sq)
+        loss = loss_sum / max(tokens, 1)
+        lr, table_lr = self.dense_lr(self.step), self.table_lr(self.step)
+        skipped = bool(found_inf) or not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips > self.cfg.train.max_skipped_steps:
+                raise NonFiniteAbort(
+                    f"{self.consecutive_skips} consecutive steps with a non-finite loss or gradient "
+                    f"(train.max_skipped_steps={self.cfg.train.max_skipped_steps}); last loss {loss}, grad norm {grad_norm}"
+                )
+            self.optimizer.zero_grad()
+            self.table_optimizer.zero_grad()
+        else:
+            self.consecutive_skips = 0
+            coef = 1.0
+            clip = self.cfg.train.clip_grad
+            if clip > 0 and grad_norm > clip:
+                coef = clip / (grad_norm + 1e-6)
+                self._scale_dense_grads(coef)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step_with_ready_grads()
+            self.table_optimizer.step(lr=table_lr, grad_scale=coef * inv_tokens)
+        self.step += 1
+        return StepResult(step=self.step, loss=loss, grad_norm=grad_norm, skipped=skipped, tokens=tokens,
+                          seconds=time.perf_counter() - t0, lr=lr, table_lr=table_lr)
+
+    def _scale_dense_grads(self, coef: float) -> None:
+        optimizers = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        for opt in optimizers:
+            for p in opt.get_parameters():
+                grad = getattr(p, "decoupled_grad", None) if opt.config.use_precision_aware_optimizer else p.grad
+                if grad is not None:
+                    grad.mul_(coef)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Token-mean validation loss over `train.eval_iters` global batches."""
+        if self.valid_batches is None:
+            return None
+        for m in self.model:
+            m.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for i in range(self.cfg.train.eval_iters):
+            total += self._run_schedule(self.valid_batches(i, self.device), forward_only=True)
+        for m in self.model:
+            m.train()
+        return (total[0] / total[1].clamp_min(1)).item()
+
+    # ------------------------------------------------------------------ loop
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self.stop_requested = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _stop_agreed(self) -> bool:
+        """Every rank must stop after the same step: agree on whether any rank got a signal."""
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def _log_step(self, r: StepResult) -> None:
+        cfg = self.cfg
+        tokens_per_s = cfg.train.global_batch_size * cfg.model.seq_length / r.seconds
+        mfu = None
+        if self.peak:
+            mfu = self.flops_per_token * tokens_per_s / (self.peak * self.info.world_size)
+        stats = {}
+        for e in self.engines:
+            for k in ("bytes_sent", "bytes_received", "naive_bytes"):
+                if k in e.stats:
+                    stats[k] = stats.get(k, 0) + e.stats[k]
+        uf = [e.stats["unique_fraction"] for e in self.engines if "unique_fraction" in e.stats]
+        scalars = {
+            "train/loss": r.loss, "train/lr": r.lr, "train/table_lr": r.table_lr, "train/grad_norm": r.grad_norm,
+            "perf/tokens_per_s": tokens_per_s, "perf/step_time_s": r.seconds, "perf/mfu": mfu,
+            "train/skipped_steps": self.skipped_steps,
+            "stem/exchange_bytes_sent": stats.get("bytes_sent"),
+            "stem/exchange_bytes_received": stats.get("bytes_received"),
+            "stem/unique_fraction": sum(uf) / len(uf) if uf else None,
+        }
+        self.metrics.scalars(r.step, scalars)
+        if r.step % cfg.logging.log_interval == 0 or r.step == 1 or r.skipped:
+            mfu_txt = f" mfu {100 * mfu:.1f}%" if mfu is not None else ""
+            uf_txt = f" uniq {scalars['stem/unique_fraction']:.2f}" if uf else ""
+            self.metrics.line(
+                f"step {r.step}/{cfg.train.train_steps} loss {r.loss:.4f} lr {r.lr:.2e} grad {r.grad_norm:.3f} "
+                f"{tokens_per_s:,.0f} tok/s {r.seconds * 1000:.0f} ms{mfu_txt}{uf_txt}"
+                + (f" SKIPPED ({self.skipped_steps} total)" if r.skipped else "")
+            )
+
+    def train(self) -> dict:
+        """Train to `train.train_steps` (from the current step); returns a summary."""
+        cfg = self.cfg
+        self._install_signal_handlers()
+        first_val = self.evaluate() if cfg.train.eval_interval else None
+        if first_val is not None:
+            self.metrics.scalars(self.step, {"val/loss": first_val, "val/ppl": math.exp(min(first_val, 50))})
+            self.metrics.line(f"validation at step {self.step}: loss {first_val:.4f} ppl {math.exp(min(first_val, 50)):.1f}")
+        losses, times = [], []
+        last_val = first_val
+        while self.step < cfg.train.train_steps:
+            r = self.train_step()
+            losses.append(r.loss)
+            times.append(r.seconds)
+            self._log_step(r)
+            if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
+                last_val = self.evaluate()
+                self.metrics.scalars(self.step, {"val/loss": last_val, "val/ppl": math.exp(min(last_val, 50))})
+                self.metrics.line(f"validation at step {self.step}: loss {last_val:.4f} ppl {math.exp(min(last_val, 50)):.1f}")
+            if self.checkpointer is not None:
+                self.checkpointer.maybe_save(self)
+            if self._stop_agreed():
+                self.metrics.line(f"received {self.stop_requested or 'a stop signal on another rank'}: stopping after step {self.step}")
+                if self.checkpointer is not None:
+                    self.checkpointer.save(self)
+                break
+        else:
+            if cfg.train.eval_interval and self.step % cfg.train.eval_interval != 0:
+                last_val = self.evaluate()
+                if last_val is not None:
+                    self.metrics.line(f"validation at step {self.step}: loss {last_val:.4f}")
+            if self.checkpointer is not None:
+                self.checkpointer.save(self, final=True)
+        steady = times[1:] or times
+        tok = cfg.train.global_batch_size * cfg.model.seq_length
+        summary = {
+            "steps": self.step, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "first_val_loss": first_val, "last_val_loss": last_val, "skipped_steps": self.skipped_steps,
+            "tokens_per_s": tok * len(steady) / sum(steady) if steady else None,
+            "step_time_s": sum(steady) / len(steady) if steady else None, "tensorboard": self.log_dir,
+            "stopped_by": self.stop_requested,
+        }
+        self.metrics.close()
+        return summary
