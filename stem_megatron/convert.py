@@ -114,4 +114,20 @@ def load_reference_into_chunks(chunks, ref: dict[str, torch.Tensor], cfg: Experi
             params[name].copy_(value.to(params[name].dtype))
         if chunk.stem_engine is not None:
             layer_ids = sorted(chunk.stem_slot_of_layer, key=chunk.stem_slot_of_layer.get)
-            chunk.stem_engine.load_full_table(reference_tables(ref, layer_ids, tp_rank, tp_size))
+            load_full_table(chunk.stem_engine, reference_tables(ref, layer_ids, tp_rank, tp_size))
+
+
+def owned_rows(engine, full_VLf: torch.Tensor) -> torch.Tensor:
+    """The rows of a full [V, L, f] tensor that `engine` owns, in its local order (padding rows zero)."""
+    rows = engine.global_rows().to(full_VLf.device)
+    valid = rows < full_VLf.shape[0]
+    out = full_VLf.new_zeros(rows.numel(), *full_VLf.shape[1:])
+    out[valid] = full_VLf[rows[valid]]
+    return out
+
+
+@torch.no_grad()
+def load_full_table(engine, full_VLf: torch.Tensor) -> None:
+    """Set an engine's fp32 master rows from the full-vocabulary table of its layers and TP columns."""
+    engine.weight.copy_(owned_rows(engine, full_VLf.to(engine.weight)))
+    engine.mark_updated()

@@ -192,12 +192,7 @@ class StemGPTModel(GPTModel):
         if self.stem_engine is not None:
             if input_ids is None:
                 raise ValueError("STEM layers need input_ids on every pipeline stage")
-            lookup = self.stem_engine.lookup(input_ids)
-            ctx = StemContext(
-                rows_ULf=lookup.rows,
-                inverse_sb=lookup.inverse.t().contiguous(),
-                slot_of_layer=self.stem_slot_of_layer,
-            )
+            ctx = StemContext(lookup=self.stem_engine.lookup(input_ids), slot_of_layer=self.stem_slot_of_layer)
         self._install(ctx)
         out = super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
         if ctx is not None and torch.is_grad_enabled() and out.requires_grad:

@@ -29,19 +29,18 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 class StemContext:
     """The rows of one micro-batch for every STEM layer of a model chunk.
 
-    rows_ULf: [U, L, f] unique rows (a leaf: gradients accumulate into `.grad`);
-    inverse_sb: [s, b] index of each token's row in `rows_ULf`;
+    lookup: the chunk engine's `StemLookup` for this micro-batch's ids `[b, s]` (leaf rows
+    `[U, L, f]`: gradients from every layer, and from activation recompute, accumulate into
+    `lookup.rows.grad`, reduced once per step by the engine);
     slot_of_layer: global 0-based layer index -> slot in L.
     """
 
-    rows_ULf: torch.Tensor
-    inverse_sb: torch.Tensor
+    lookup: object
     slot_of_layer: dict[int, int]
 
     def rows_for(self, layer_index: int) -> torch.Tensor:
         """Per-token rows [s, b, f] of the STEM layer with global 0-based index `layer_index`."""
-        slot = self.slot_of_layer[layer_index]
-        return F.embedding(self.inverse_sb, self.rows_ULf[:, slot])
+        return self.lookup.gather(self.slot_of_layer[layer_index]).transpose(0, 1)
 
 
 class StemMLP(MegatronModule):

@@ -1,0 +1,60 @@
+# stem_megatron: one target per habit. `make setup` once, then `make demo` / `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NPROC ?= 2
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: setup test test-slow test-gpu lint bench bench-mlp bench-exchange bench-preprocess bench-train \
+        sample-data demo compare clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# CPU machines get the CPU torch build (a bare `torch` would pull a multi-GB CUDA build).
+setup: $(PY)
+ifeq ($(HAS_GPU),1)
+	$(PY) -m pip install -q -e '.[dev]'
+else
+	$(PY) -m pip install -q 'torch==2.13.0' && $(PY) -m pip install -q -e '.[dev]'
+endif
+	$(PY) -c "import torch, megatron.core, stem_megatron; print('torch', torch.__version__, '| megatron-core', megatron.core.__version__)"
+
+test: $(PY)
+	$(PY) -m pytest -q -x -p no:cacheprovider tests
+
+test-slow: $(PY)
+	$(PY) -m pytest -q -p no:cacheprovider -m slow tests
+
+test-gpu: $(PY)
+	$(PY) -m pytest -q -p no:cacheprovider -m gpu tests
+
+lint: $(PY)
+	$(VENV)/bin/ruff check stem_megatron data_tools tests benchmarks
+
+sample-data: $(PY)
+	$(PY) -m data_tools.sample_corpus --output-dir data/sample
+
+bench: bench-mlp bench-exchange bench-preprocess bench-train
+
+bench-mlp: $(PY)
+	$(PY) -m benchmarks.bench_mlp
+
+bench-exchange: $(PY) sample-data
+	$(PY) -m benchmarks.bench_exchange
+
+bench-preprocess: $(PY) sample-data
+	$(PY) -m benchmarks.bench_preprocess
+
+bench-train: $(PY) sample-data
+	$(PY) -m benchmarks.bench_train
+
+# The README's main job: a small STEM pretraining on real text (CPU by default).
+demo: setup sample-data
+	NPROC_PER_NODE=$(NPROC) PYTHON=$(PY) launch/torchrun.sh configs/tiny_stem.yaml $(ARGS)
+
+compare: $(PY) sample-data
+	$(PY) -m benchmarks.compare_dense_stem
+
+clean:
+	rm -rf runs .pytest_cache
