@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
@@ -45,6 +45,13 @@ try:  # Transformer Engine is optional (GPU clusters / NGC containers)
     HAVE_TE = True
 except Exception:  # ImportError, or TE present but broken for this torch/CUDA
     HAVE_TE = False
+
+
+# TransformerLayer warns "Unknown MLP type" for any MLP class it does not know (it then passes no
+# tp_group, and StemMLP takes megatron's default TP group): expected for StemMLP, so not shown.
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
+    lambda record: "Unknown MLP type" not in record.getMessage()
+)
 
 
 class Norm(torch.nn.Module):

@@ -72,7 +72,7 @@ def _check_layout(rank, world_size, layout):
                     failures.append(f"logits rel err {_rel_err(got, want):.2e}")
         if abs(loss - ref_loss.item()) > RTOL * abs(ref_loss.item()):
             failures.append(f"loss {loss} vs reference {ref_loss.item()}")
-    for chunk, wrapped in zip(chunks, ddp):
+    for chunk in chunks:
         tcfg = chunk.config
         want = reference_to_chunk(
             ref_grads, cfg, tp_rank=info.tp_rank, tp_size=info.tp_size,
