@@ -16,6 +16,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -52,12 +53,8 @@ def _worker(fn, rank, world_size, port, args, kwargs, queue, env):
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
-        try:
-            from megatron.core import parallel_state
-
-            parallel_state.destroy_model_parallel()
-        except Exception:
-            pass
+        if "megatron.core.parallel_state" in sys.modules:  # importing megatron costs seconds: only if used
+            sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
 

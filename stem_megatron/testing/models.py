@@ -12,7 +12,14 @@ import functools
 
 import torch
 
-from stem_megatron.config import DataConfig, ExperimentConfig, ModelConfig, ParallelConfig, StemConfig, TrainConfig
+from stem_megatron.config import (
+    DataConfig,
+    ExperimentConfig,
+    ModelConfig,
+    ParallelConfig,
+    StemConfig,
+    TrainConfig,
+)
 from stem_megatron.reference import ReferenceConfig, ReferenceStemLM
 
 

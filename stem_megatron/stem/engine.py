@@ -1,0 +1,443 @@
+"""Vocabulary-sharded STEM tables: storage, deduplicated lookup exchange, sparse gradient reduction.
+
+One `StemTableEngine` holds the tables of all STEM layers of one model chunk together, as an fp32
+master `weight_RLF` [rows_local, L, F/tp]. Rows are sharded round-robin over the shard group
+(`owner = id % G`, `local = id // G`, vocabulary padded up to a multiple of G); columns are this
+tensor-parallel rank's slice of the ffn; shard groups that hold the same rows are replicas.
+The engine is a plain object, not an nn.Module: nothing of it enters DDP, megatron's optimizer
+or its grad clipping (see `table_grad_sq_norm` for the table share of the global norm).
+
+Step protocol (one exchange per micro-batch for all L layers, one reduction per step):
+  lk = engine.lookup(ids)          # or h = engine.prefetch(ids); ...; lk = h.wait()
+  y = lk.gather(slot)              # per-token rows of one layer; backward fills lk.rows.grad
+  ... more micro-batches, backward ...
+  engine.reduce_grads()            # -> engine.grad_index, engine.grad_values
+  optimizer.step(lr=...)           # optimizer.py, touched rows only
+The exchange protocol and its byte counts are in exchange.py; ordered sums in segment.py.
+
+Legend: N tokens of a lookup, U unique ids, L layers (slots), F local ffn columns (F_full / tp),
+R requests served by this owner, K locally deduplicated rows, G shard size, n touched rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from stem_megatron.stem.exchange import (
+    ID_EXCHANGES,
+    StemIndexError,
+    all_gather_rows,
+    bad_id_message,
+    local_meta,
+    lookup_traffic,
+    owner_major,
+    reduce_traffic,
+)
+from stem_megatron.stem.segment import SegmentPlan, index_sum, unique_sum
+from stem_megatron.stem.table_init import default_init_std, fill_table_rows
+
+__all__ = ["StemIndexError", "StemLookup", "StemPrefetch", "StemTableEngine", "table_grad_sq_norm"]
+
+
+def _group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """Where this rank's shard sits in the full [vocab, L, ffn] table."""
+
+    vocab_size: int
+    padded_vocab_size: int
+    layer_ids: tuple[int, ...]
+    ffn_hidden_size: int
+    shard_size: int
+    shard_rank: int
+    rows_local: int
+    tp_size: int
+    tp_rank: int
+    col_start: int
+    cols_local: int
+
+
+class _GatherSlot(torch.autograd.Function):
+    """rows_ULF[:, slot][inverse_N] with an fp32 (and, if asked, ordered) token-to-row gradient sum."""
+
+    @staticmethod
+    def forward(ctx, rows_ULF, slot, inverse_N, lookup):
+        ctx.save_for_backward(inverse_N)
+        ctx.slot, ctx.lookup, ctx.shape, ctx.dtype = slot, lookup, rows_ULF.shape, rows_ULF.dtype
+        return rows_ULF[:, slot].index_select(0, inverse_N)
+
+    @staticmethod
+    def backward(ctx, grad_NF):
+        (inverse_N,) = ctx.saved_tensors
+        n_unique, n_layers, n_cols = ctx.shape
+        plan = ctx.lookup._plan()
+        if plan is None:
+            grad_UF = index_sum(inverse_N, grad_NF.float(), n_unique, deterministic=False)
+        else:
+            grad_UF = plan.index_sum(grad_NF.float(), n_unique)
+        grad_ULF = grad_NF.new_zeros((n_unique, n_layers, n_cols), dtype=ctx.dtype)
+        grad_ULF[:, ctx.slot] = grad_UF.to(ctx.dtype)
+        return grad_ULF, None, None, None
+
+
+class StemLookup:
+    """The rows of one micro-batch's unique ids, for all L layers of the engine.
+
+    rows: [U, L, F] compute dtype, a leaf (requires_grad = grad mode when the lookup completed).
+    inverse: int64 of the ids' shape; per-token rows of slot l are rows[:, l][inverse].
+    unique_ids: [U] global ids in owner-major order (by id % G, then increasing id).
+    stats: this lookup's byte and load counters (see exchange.lookup_traffic).
+    """
+
+    def __init__(self, rows_ULF, inverse, unique_ids_U, stats, deterministic):
+        self.rows = rows_ULF
+        self.inverse = inverse
+        self.unique_ids = unique_ids_U
+        self.stats = stats
+        self._deterministic = deterministic
+        self._segment_plan: SegmentPlan | None = None
+
+    def _plan(self) -> SegmentPlan | None:
+        """The ordered token-to-row summation schedule (deterministic engines), built once per lookup."""
+        if not self._deterministic:
+            return None
+        if self._segment_plan is None:
+            self._segment_plan = SegmentPlan(self.inverse.reshape(-1))
+        return self._segment_plan
+
+    def gather(self, slot: int) -> torch.Tensor:
+        """Per-token rows of slot `slot`: [*ids.shape, F]. Prefer this to `rows[:, slot][inverse]`:
+        its backward sums tokens in fp32, in a fixed order when the engine is deterministic."""
+        inverse_N = self.inverse.reshape(-1)
+        out_NF = _GatherSlot.apply(self.rows, slot, inverse_N, self)
+        return out_NF.view(*self.inverse.shape, self.rows.shape[-1])
+
+
+class StemPrefetch:
+    """An issued lookup: ids routed and rows gathered on the owners; the row all-to-all may be in flight.
+
+    `wait()` completes it once and returns the StemLookup. Waiting after the engine's weights
+    changed (an optimizer step between prefetch and wait) raises: the rows would be stale.
+    """
+
+    def __init__(self, engine, finish):
+        self._engine, self._finish, self._version = engine, finish, engine.version
+        self._lookup: StemLookup | None = None
+
+    def wait(self) -> StemLookup:
+        if self._lookup is None:
+            if self._engine.version != self._version:
+                raise RuntimeError(
+                    "STEM prefetch crossed an optimizer step: its rows were read before the update; "
+                    "prefetch after optimizer.step()"
+                )
+            self._lookup = self._finish()
+            self._finish = None
+        return self._lookup
+
+
+class StemTableEngine:
+    """Sharded tables of the STEM layers `layer_ids` of one model chunk (see the module docstring)."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        layer_ids: list[int],
+        ffn_hidden_size: int,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        shard_group=None,
+        replica_group=None,
+        init_std: float | None = 0.02,
+        seed: int = 1234,
+        compute_dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        deterministic: bool = False,
+        id_exchange: str = "alltoall",
+    ):
+        if vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        if not layer_ids or len(set(layer_ids)) != len(layer_ids):
+            raise ValueError(f"layer_ids must be a non-empty list of distinct ints, got {layer_ids}")
+        if tp_size <= 0 or not 0 <= tp_rank < tp_size or ffn_hidden_size % tp_size:
+            raise ValueError(
+                f"ffn_hidden_size {ffn_hidden_size} must split over tp_size {tp_size} (tp_rank {tp_rank})"
+            )
+        if id_exchange not in ID_EXCHANGES:
+            raise ValueError(f"id_exchange must be one of {ID_EXCHANGES}, got {id_exchange!r}")
+        g = _group_size(shard_group)
+        self.shard_group = shard_group if g > 1 else None
+        self.replica_group = replica_group if _group_size(replica_group) > 1 else None
+        self.shard_global_ranks = (
+            dist.get_process_group_ranks(shard_group)
+            if g > 1
+            else [dist.get_rank() if dist.is_initialized() else 0]
+        )
+        padded = -(-vocab_size // g) * g
+        cols = ffn_hidden_size // tp_size
+        self.layout = TableLayout(
+            vocab_size=vocab_size,
+            padded_vocab_size=padded,
+            layer_ids=tuple(int(i) for i in layer_ids),
+            ffn_hidden_size=ffn_hidden_size,
+            shard_size=g,
+            shard_rank=_group_rank(self.shard_group),
+            rows_local=padded // g,
+            tp_size=tp_size,
+            tp_rank=tp_rank,
+            col_start=tp_rank * cols,
+            cols_local=cols,
+        )
+        self.replica_rank = _group_rank(self.replica_group)
+        self.num_replicas = _group_size(self.replica_group)
+        self.compute_dtype = compute_dtype
+        self.device = torch.device(device)
+        self.deterministic = deterministic
+        self.id_exchange = id_exchange
+        self.init_std = default_init_std(vocab_size, ffn_hidden_size) if init_std is None else float(init_std)
+        self.seed = seed
+        self.weight = torch.empty(
+            self.layout.rows_local, len(layer_ids), cols, dtype=torch.float32, device=self.device
+        )
+        fill_table_rows(
+            self.weight,
+            self.global_rows(),
+            list(self.layout.layer_ids),
+            self.layout.col_start,
+            self.init_std,
+            seed,
+            vocab_size,
+        )
+        self.version = 0  # bumped by every optimizer update of `weight`
+        self.grad_index: torch.Tensor | None = None
+        self.grad_values: torch.Tensor | None = None
+        self.stats: dict = {}
+        self._pending: list[StemLookup] = []
+
+    # ----------------------------------------------------------------- layout helpers
+    @property
+    def layer_ids(self) -> tuple[int, ...]:
+        return self.layout.layer_ids
+
+    def slot_of(self, layer_id: int) -> int:
+        """Slot (index into rows' second dim) of a global layer id."""
+        return self.layout.layer_ids.index(layer_id)
+
+    def global_rows(self) -> torch.Tensor:
+        """[rows_local] global row id of each local row (ids >= vocab_size are padding)."""
+        lay = self.layout
+        return torch.arange(lay.rows_local, device=self.device) * lay.shard_size + lay.shard_rank
+
+    def mark_updated(self) -> None:
+        """Called by every optimizer step (on every rank, rows touched or not) and by checkpoint loads."""
+        self.version += 1
+
+    # ----------------------------------------------------------------- forward exchange
+    def prefetch(self, ids: torch.Tensor) -> StemPrefetch:
+        """Route `ids` and gather rows on the owners now; the rows' return all-to-all runs async.
+
+        Collective over the shard group: every shard rank calls prefetch/lookup in the same order.
+        Raises StemIndexError on every shard rank if any rank has an id outside [0, vocab).
+        """
+        lay = self.layout
+        ids_N = ids.reshape(-1).to(device=self.device, dtype=torch.int64)
+        g, me = lay.shard_size, lay.shard_rank
+        meta_M, unique_U, inverse_N, _ = local_meta(ids_N, lay.vocab_size, g)
+        row_bytes = len(lay.layer_ids) * lay.cols_local * torch.finfo(self.compute_dtype).bits // 8
+        if g == 1:
+            self._raise_on_bad_ids([meta_M.tolist()])
+            rows_ULF = self.weight.index_select(0, unique_U).to(self.compute_dtype)
+            stats = lookup_traffic(
+                [meta_M[2:3].tolist()], [meta_M[3:4].tolist()], 0, row_bytes, self.id_exchange
+            )
+            return StemPrefetch(
+                self, lambda: self._complete(rows_ULF, None, inverse_N, ids.shape, unique_U, stats)
+            )
+
+        # C1: bad-id flags and the request matrices, before any variable-size collective.
+        meta_GM = torch.stack(all_gather_rows(meta_M, self.shard_group, g)).tolist()
+        self._raise_on_bad_ids(meta_GM)
+        uniq_GG = [row[2 : 2 + g] for row in meta_GM]
+        tok_GG = [row[2 + g :] for row in meta_GM]
+        send_G = uniq_GG[me]
+        recv_G = [uniq_GG[s][me] for s in range(g)]
+
+        # C2: ids to their owners.
+        if self.id_exchange == "alltoall":
+            req_R = ids_N.new_empty(sum(recv_G))
+            dist.all_to_all_single(req_R, unique_U, recv_G, send_G, group=self.shard_group)
+        else:
+            max_u = max(sum(row) for row in uniq_GG)
+            padded_U = ids_N.new_zeros(max_u)
+            padded_U[: unique_U.numel()] = unique_U
+            lists = all_gather_rows(padded_U, self.shard_group, g)
+            req_R = torch.cat([lists[s][sum(uniq_GG[s][:me]) :][: uniq_GG[s][me]] for s in range(g)])
+
+        # Owners gather; C3: rows back, arriving owner-major = in unique_U order.
+        served_RLF = self.weight.index_select(0, req_R // g).to(self.compute_dtype)
+        rows_ULF = served_RLF.new_empty((unique_U.numel(), *served_RLF.shape[1:]))
+        work = dist.all_to_all_single(
+            rows_ULF, served_RLF, send_G, recv_G, group=self.shard_group, async_op=True
+        )
+        stats = lookup_traffic(uniq_GG, tok_GG, me, row_bytes, self.id_exchange)
+        return StemPrefetch(
+            self, lambda: self._complete(rows_ULF, work, inverse_N, ids.shape, unique_U, stats)
+        )
+
+    def _raise_on_bad_ids(self, meta_GM: list[list[int]]) -> None:
+        """Raise StemIndexError on every rank of the shard x replica (data-parallel) group if any had a bad id.
+
+        The shard group already shares its flags (meta_GM). Replica groups exchange a 3-number
+        summary too, so ranks whose own shard group was clean raise as well instead of hanging in
+        the step's gradient reduction.
+        """
+        msg = bad_id_message(meta_GM, self.layout.vocab_size, self.shard_global_ranks)
+        if self.replica_group is not None:
+            bad = [(r, row[1]) for r, row in enumerate(meta_GM) if row[0] > 0]
+            mine = [1, bad[0][1], self.shard_global_ranks[bad[0][0]]] if bad else [0, 0, -1]
+            summary = torch.tensor(mine, dtype=torch.int64, device=self.device)
+            for row in all_gather_rows(summary, self.replica_group, self.num_replicas):
+                n_bad, first, grank = row.tolist()
+                if msg is None and n_bad:
+                    msg = (f"token id {first} is outside the vocabulary [0, {self.layout.vocab_size}) on global "
+                           f"rank {grank} (another STEM shard group holding the same rows)")
+        if msg:
+            raise StemIndexError(msg)
+
+    def _complete(self, rows_ULF, work, inverse_N, shape, unique_U, stats) -> StemLookup:
+        if work is not None:
+            work.wait()
+        rows_ULF = rows_ULF.detach().requires_grad_(torch.is_grad_enabled())
+        lk = StemLookup(rows_ULF, inverse_N.view(shape), unique_U, stats, self.deterministic)
+        if rows_ULF.requires_grad:
+            self._pending.append(lk)
+        self.stats.update(stats)
+        return lk
+
+    def lookup(self, ids: torch.Tensor) -> StemLookup:
+        """prefetch(ids).wait(): one exchange for all L layers."""
+        return self.prefetch(ids).wait()
+
+    # ----------------------------------------------------------------- backward reduction
+    def reduce_grads(self) -> None:
+        """Sum every pending lookup's rows.grad into owner-side sparse row gradients.
+
+        Collective over the shard group and then the replica group. Result: `grad_index` (sorted
+        local rows touched anywhere in the replica x shard group, int64) and `grad_values`
+        (fp32 [n, L, F]); replicas end with identical values. Clears the pending lookups.
+        """
+        lay = self.layout
+        g, me = lay.shard_size, lay.shard_rank
+        pending, self._pending = self._pending, []
+        with torch.no_grad():
+            keys = [lk.unique_ids for lk in pending if lk.rows.grad is not None]
+            vals = [lk.rows.grad.float() for lk in pending if lk.rows.grad is not None]
+            shape_LF = (len(lay.layer_ids), lay.cols_local)
+            if keys:
+                ids_M, grads_MLF = torch.cat(keys), torch.cat(vals)
+            else:
+                ids_M = torch.empty(0, dtype=torch.int64, device=self.device)
+                grads_MLF = torch.empty(0, *shape_LF, dtype=torch.float32, device=self.device)
+            # Local dedupe over micro-batches: one row per id leaves this rank.
+            ids_K, grads_KLF = unique_sum(ids_M, grads_MLF, self.deterministic)
+            grad_row_bytes = shape_LF[0] * shape_LF[1] * 4
+            if g > 1:
+                perm_K, send = owner_major(ids_K, g)
+                ids_K, grads_KLF = ids_K[perm_K], grads_KLF[perm_K]
+                count_GG = torch.stack(all_gather_rows(send, self.shard_group, g)).tolist()
+                send_G, recv_G = count_GG[me], [count_GG[s][me] for s in range(g)]
+                ids_R = ids_K.new_empty(sum(recv_G))
+                dist.all_to_all_single(ids_R, ids_K, recv_G, send_G, group=self.shard_group)
+                grads_RLF = grads_KLF.new_empty((ids_R.numel(), *shape_LF))
+                dist.all_to_all_single(grads_RLF, grads_KLF, recv_G, send_G, group=self.shard_group)
+                # Owner-side accumulation; sources arrive in shard-rank order (fixed).
+                index_n, values_nLF = unique_sum(ids_R // g, grads_RLF, self.deterministic)
+            else:
+                count_GG = [[ids_K.numel()]]
+                index_n, values_nLF = ids_K, grads_KLF
+            replica_sizes = [index_n.numel()]
+            if self.replica_group is not None:
+                index_n, values_nLF, replica_sizes = self._replica_sum(index_n, values_nLF)
+        self.grad_index, self.grad_values = index_n, values_nLF
+        self.stats.update(reduce_traffic(count_GG, me, grad_row_bytes, index_n.numel(), replica_sizes))
+
+    def _replica_sum(self, index_n, values_nLF):
+        """Union of touched rows over the replica group, summed by one all-reduce of the union."""
+        r, group = self.num_replicas, self.replica_group
+        count = torch.tensor([index_n.numel()], dtype=torch.int64, device=self.device)
+        sizes = [int(c.item()) for c in all_gather_rows(count, group, r)]
+        padded = index_n.new_full((max(sizes),), -1)
+        padded[: index_n.numel()] = index_n
+        union = torch.unique(torch.cat(all_gather_rows(padded, group, r)))
+        union = union[union >= 0]
+        buf_nLF = values_nLF.new_zeros((union.numel(), *values_nLF.shape[1:]))
+        buf_nLF.index_copy_(0, torch.searchsorted(union, index_n), values_nLF)
+        dist.all_reduce(buf_nLF, group=group)
+        return union, buf_nLF, sizes
+
+    def zero_grad(self) -> None:
+        """Drop the reduced gradient (pending lookups are kept: they belong to the coming step)."""
+        self.grad_index, self.grad_values = None, None
+
+    def discard_pending(self) -> None:
+        """Forget lookups made with grad enabled whose gradients will never be reduced."""
+        self._pending = []
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._pending)
+
+    # ----------------------------------------------------------------- whole-table views, checkpoints
+    def full_table(self) -> torch.Tensor:
+        """fp32 [vocab, L, F] of this TP rank's columns, padding removed. Collective over the shard group."""
+        lay = self.layout
+        parts = (
+            all_gather_rows(self.weight, self.shard_group, lay.shard_size)
+            if lay.shard_size > 1
+            else [self.weight]
+        )
+        table = torch.stack(parts, dim=1)  # [rows_local, G, L, F]: global row = local * G + g
+        return table.reshape(lay.padded_vocab_size, *self.weight.shape[1:])[: lay.vocab_size]
+
+    def state_dict(self) -> dict:
+        """This rank's shard: the fp32 master rows and the layout they belong to."""
+        return {"weight": self.weight, "layout": self.layout.__dict__.copy()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["layout"] != self.layout.__dict__:
+            raise ValueError(
+                f"STEM table checkpoint layout {state['layout']} does not match {self.layout.__dict__}"
+            )
+        with torch.no_grad():
+            self.weight.copy_(state["weight"])
+        self.mark_updated()
+
+
+def table_grad_sq_norm(engines: list[StemTableEngine], group=None, device=None) -> torch.Tensor:
+    """Global sum of squares of all table gradients, each element counted once (fp32 scalar).
+
+    Replicas hold identical gradients, so only replica rank 0 contributes; TP ranks hold disjoint
+    columns, shard ranks disjoint rows, pipeline stages disjoint layers. Collective over `group`
+    (None: the world): every rank calls it, with or without engines.
+    """
+    if device is None:
+        device = (
+            engines[0].device if engines else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for e in engines:
+        if e.replica_rank == 0 and e.grad_values is not None:
+            total += e.grad_values.double().pow(2).sum()
+    if dist.is_initialized():
+        dist.all_reduce(total, group=group)
+    return total.float()
