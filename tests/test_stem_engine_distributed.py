@@ -190,7 +190,7 @@ def _world4(rank, world_size):
 
 def test_world4_dp4_shard_sizes_1_2_4():
     results = run_distributed(_world4, world_size=4, timeout=240)
-    for r, out in enumerate(results):
+    for out in results:
         assert out[1] is not None and out[2] is not None and out[4] is not None
     assert results[0][4] == results[1][4] == results[2][4] == results[3][4]
     assert "on STEM shard rank 3 (global rank 3" in results[0][4]
