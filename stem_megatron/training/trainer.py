@@ -241,7 +241,10 @@ class Trainer:
                 coef = clip / (grad_norm + 1e-6)
                 self._scale_dense_grads(coef)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                # megatron's groups carry multipliers that only Megatron-LM's scheduler applies:
+                # without this, norms and biases (wd_mult 0) would be weight-decayed.
+                group["lr"] = lr * group.get("lr_mult", 1.0)
+                group["weight_decay"] = self.cfg.train.weight_decay * group.get("wd_mult", 1.0)
             self.optimizer.step_with_ready_grads()
             self.table_optimizer.step(lr=table_lr, grad_scale=coef * inv_tokens)
         self.step += 1
