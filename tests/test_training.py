@@ -29,7 +29,7 @@ class _TokenDataset:
                 "position_ids": torch.arange(self.seq)}
 
 
-def _train(rank, world_size, layout, steps, poison=(), max_skipped=10):
+def _train(rank, world_size, layout, steps, poison=(), max_skipped=10, parallel=None):
     from stem_megatron.convert import load_reference_into_chunks
     from stem_megatron.testing.models import reference_model, tiny_config
     from stem_megatron.training.trainer import NonFiniteAbort, Trainer
@@ -37,6 +37,8 @@ def _train(rank, world_size, layout, steps, poison=(), max_skipped=10):
     cfg = tiny_config(**layout)
     cfg.train.lr, cfg.train.warmup_steps, cfg.train.train_steps = 3e-3, 2, steps
     cfg.train.max_skipped_steps = max_skipped
+    for key, value in (parallel or {}).items():
+        setattr(cfg.parallel, key, value)
     cfg.stem.lr = 1e-2
     trainer = Trainer(cfg)
     data = _TokenDataset(64, cfg.model.seq_length, 60, seed=3)
@@ -55,8 +57,9 @@ def _train(rank, world_size, layout, steps, poison=(), max_skipped=10):
     return out
 
 
-def _losses(world, layout, steps=STEPS):
-    return [o[0] for o in run_distributed(_train, world_size=world, args=(layout, steps), timeout=300)[0]]
+def _losses(world, layout, steps=STEPS, parallel=None):
+    args = (layout, steps, (), 10, parallel)
+    return [o[0] for o in run_distributed(_train, world_size=world, args=args, timeout=300)[0]]
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +68,17 @@ def baseline():
 
 
 @pytest.mark.parametrize(
-    "name,world,layout",
-    [("dp2", 2, dict()), ("tp2", 2, dict(tp=2)), ("pp2", 2, dict(pp=2))],
+    "name,world,layout,parallel",
+    [
+        ("dp2", 2, dict(), None),
+        ("tp2", 2, dict(tp=2), None),
+        ("pp2", 2, dict(pp=2), None),
+        ("dp2_distributed_optimizer_overlap", 2, dict(), dict(use_distributed_optimizer=True, overlap_grad_reduce=True)),
+    ],
 )
-def test_layouts_give_the_same_losses(baseline, name, world, layout):
+def test_layouts_give_the_same_losses(baseline, name, world, layout, parallel):
     # Rank 0 always reports the global loss (all ranks agree on it).
-    got = _losses(world, layout)
+    got = _losses(world, layout, parallel=parallel)
     assert len(got) == STEPS
     for step, (a, b) in enumerate(zip(got, baseline)):
         assert abs(a - b) <= 2e-5 * abs(b), f"layout {name} (TP,PP,DP) step {step + 1}: loss {a} vs {b}"
