@@ -43,14 +43,13 @@ def _config(**layout):
 
 
 def _megatron_losses(rank, world_size, layout):
-    from stem_megatron.convert import load_reference_into_chunks
     from stem_megatron.testing.models import reference_model
     from stem_megatron.training.trainer import Trainer
 
     cfg = _config(**layout)
     trainer = Trainer(cfg)
     trainer.setup(datasets=(_Data(64, cfg.model.seq_length, 60, seed=3), None))
-    load_reference_into_chunks(trainer.chunks, reference_model(cfg, seed=0).state_dict(), cfg)
+    trainer.load_full_weights(reference_model(cfg, seed=0).state_dict())
     return [(r.loss, r.grad_norm) for r in (trainer.train_step() for _ in range(STEPS))]
 
 

@@ -30,7 +30,6 @@ class _TokenDataset:
 
 
 def _train(rank, world_size, layout, steps, poison=(), max_skipped=10, parallel=None):
-    from stem_megatron.convert import load_reference_into_chunks
     from stem_megatron.testing.models import reference_model, tiny_config
     from stem_megatron.training.trainer import NonFiniteAbort, Trainer
 
@@ -43,7 +42,7 @@ def _train(rank, world_size, layout, steps, poison=(), max_skipped=10, parallel=
     trainer = Trainer(cfg)
     data = _TokenDataset(64, cfg.model.seq_length, 60, seed=3)
     trainer.setup(datasets=(data, None))
-    load_reference_into_chunks(trainer.chunks, reference_model(cfg, seed=0).state_dict(), cfg)
+    trainer.load_full_weights(reference_model(cfg, seed=0).state_dict())
     trainer.poison_steps = set(poison)
     out = []
     try:
@@ -104,3 +103,29 @@ def test_nonfinite_step_is_skipped_then_training_continues():
 def test_nonfinite_abort_after_the_allowed_skips():
     out = run_distributed(_train, world_size=1, args=({}, 4, (0, 1, 2), 1), timeout=300)[0]
     assert out[-1][0] == "abort" and "consecutive" in out[-1][1], out
+
+
+def _train_precision(rank, world_size, precision):
+    from stem_megatron.testing.models import tiny_config
+    from stem_megatron.training.trainer import Trainer
+
+    cfg = tiny_config()
+    cfg.train.precision, cfg.train.train_steps, cfg.train.warmup_steps, cfg.train.lr = precision, 6, 1, 1e-2
+    trainer = Trainer(cfg)  # megatron's own init (std 0.02): a realistically scaled model
+    trainer.setup(datasets=(_TokenDataset(64, cfg.model.seq_length, 60, seed=3), None))
+    losses = [trainer.train_step().loss for _ in range(6)]
+    dense_dtypes = {p.dtype for c in trainer.chunks for p in c.parameters()}
+    engine = trainer.engines[0]
+    lookup = engine.lookup(torch.tensor([[1, 2, 3]]))
+    return losses, dense_dtypes, engine.weight.dtype, lookup.rows.dtype
+
+
+def test_bf16_mixed_precision_keeps_fp32_master_tables():
+    """The GPU precision path (Float16Module, megatron's bf16 optimizer) also runs on CPU and tracks fp32."""
+    fp32 = run_distributed(_train_precision, world_size=2, args=("fp32",), timeout=300)[0]
+    bf16 = run_distributed(_train_precision, world_size=2, args=("bf16",), timeout=300)[0]
+    assert fp32[1] == {torch.float32} and bf16[1] == {torch.bfloat16}
+    assert bf16[2] == torch.float32 and bf16[3] == torch.bfloat16  # fp32 master rows, bf16 compute rows
+    assert bf16[0][-1] < bf16[0][0] - 0.05, bf16[0]
+    for step, (a, b) in enumerate(zip(bf16[0], fp32[0])):
+        assert abs(a - b) < 0.01 * b, f"step {step + 1}: bf16 loss {a} vs fp32 {b}"

@@ -95,6 +95,7 @@ class Trainer:
         from stem_megatron.stem.optimizer import RowSparseAdamW
 
         cfg = self.cfg
+        self._install_signal_handlers()
         init_distributed()
         self.info = initialize_model_parallel(cfg)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -155,6 +156,19 @@ class Trainer:
         )
         self.metrics = MetricsLogger(log_dir, enabled=self.is_logger)
         self.log_dir = log_dir
+        if self.checkpointer is not None:
+            self.checkpointer.resume(self)
+
+    def load_full_weights(self, state: dict) -> None:
+        """Load full (unsharded, HF-Llama-named) weights, e.g. a `ReferenceStemLM` state dict.
+
+        Also refreshes the optimizer's fp32 main copies (bf16 and distributed optimizer keep their
+        own, made at construction; without this the first step would restore the old weights).
+        """
+        from stem_megatron.convert import load_reference_into_chunks
+
+        load_reference_into_chunks(self.chunks, state, self.cfg)
+        self.optimizer.reload_model_params()
 
     def _build_datasets(self):
         from stem_megatron.data.datasets import build_gpt_datasets
@@ -321,7 +335,6 @@ class Trainer:
     def train(self) -> dict:
         """Train to `train.train_steps` (from the current step); returns a summary."""
         cfg = self.cfg
-        self._install_signal_handlers()
         first_val = self.evaluate() if cfg.train.eval_interval else None
         if first_val is not None:
             self.metrics.scalars(self.step, {"val/loss": first_val, "val/ppl": math.exp(min(first_val, 50))})
