@@ -18,6 +18,17 @@ from dataclasses import dataclass
 
 INPUT_FORMATS = ("jsonl", "text")
 TEXT_SPLITS = ("file", "blank-lines")
+
+
+def add_format_args(p) -> None:
+    """The input-format flags shared by stem-preprocess and stem-train-tokenizer."""
+    p.add_argument("--input-format", choices=INPUT_FORMATS, help="force the format instead of the file suffix")
+    p.add_argument(
+        "--text-split",
+        choices=TEXT_SPLITS,
+        default="file",
+        help="plain text: one document per file (default) or per blank-line-separated block",
+    )
 _SUFFIXES = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".txt": "text", ".txt.gz": "text"}
 
 

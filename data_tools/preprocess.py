@@ -31,7 +31,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 
 from data_tools.encode import EncodedBatch, Encoder, encode_in_worker, init_worker
-from data_tools.inputs import INPUT_FORMATS, TEXT_SPLITS, InputError, Record, iter_records, resolve_inputs
+from data_tools.inputs import InputError, Record, add_format_args, iter_records, resolve_inputs
 from data_tools.progress import Progress
 from data_tools.records import Skip, StrictError
 from stem_megatron.data.tokenizer import TOKENIZER_KINDS, TokenizerError, load_tokenizer
@@ -269,15 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--strict", action="store_true", help="fail on the first bad record instead of skipping it"
     )
-    p.add_argument(
-        "--input-format", choices=INPUT_FORMATS, help="force the format instead of the file suffix"
-    )
-    p.add_argument(
-        "--text-split",
-        choices=TEXT_SPLITS,
-        default="file",
-        help="plain text: one document per file (default) or per blank-line-separated block",
-    )
+    add_format_args(p)
     p.add_argument("--batch-size", type=int, default=256, help="records per worker task (default 256)")
     p.add_argument(
         "--max-warnings", type=int, default=20, help="skipped records listed one by one (default 20)"

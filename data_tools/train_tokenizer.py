@@ -17,7 +17,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
-from data_tools.inputs import INPUT_FORMATS, TEXT_SPLITS, InputError, iter_records, resolve_inputs
+from data_tools.inputs import InputError, add_format_args, iter_records, resolve_inputs
 from data_tools.records import Skip, StrictError, parse_record
 from stem_megatron.data.tokenizer import EOD_TOKEN
 
@@ -101,15 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json-keys", nargs="+", default=["text"], metavar="KEY", help="JSONL keys to read (default: text)"
     )
     p.add_argument("--min-frequency", type=int, default=2, help="least count for a merge (default 2)")
-    p.add_argument(
-        "--input-format", choices=INPUT_FORMATS, help="force the format instead of the file suffix"
-    )
-    p.add_argument(
-        "--text-split",
-        choices=TEXT_SPLITS,
-        default="file",
-        help="plain text: one document per file (default) or per blank-line-separated block",
-    )
+    add_format_args(p)
     p.add_argument(
         "--strict", action="store_true", help="fail on the first bad record instead of skipping it"
     )

@@ -191,6 +191,8 @@ def format_counts(cfg: ExperimentConfig) -> str:
             f"stem layers  {stem_line}",
             f"parameters   total {_params(p.total)} ({p.total:,}); active/token {_params(p.active_per_token)}; "
             f"tables {_params(p.tables)}; non-table {_params(p.non_table)}",
+            f"billions     total {p.total / 1e9:.2f}B, active {p.active_per_token / 1e9:.2f}B per token; "
+            f"the dense model of this shape: {count_parameters(cfg, stem_layers=[]).total / 1e9:.2f}B",
             f"  embedding {_params(p.embedding)}, output layer {_params(p.output_layer)}, attention {_params(p.attention)}, "
             f"dense MLP {_params(p.dense_mlp)}, STEM gate+down {_params(p.stem_mlp)}, norms {_params(p.norms)}",
             f"FLOPs/token  forward {_flops(fl.forward)}, training {_flops(fl.training)} "

@@ -2,7 +2,14 @@
 
 Run under torchrun (see launch/torchrun.sh). `--dry-run` prints the resolved config, parameter
 counts and FLOPs and exits without starting a process group or allocating the model.
-Exit codes: 0 done (or stopped cleanly by SIGTERM/SIGUSR1), 2 bad config, 3 non-finite abort.
+
+Checkpoints (docs/checkpoints.md): with `checkpoint.save=DIR` the run saves every
+`checkpoint.save_interval` steps, on SIGTERM/SIGUSR1 (after the current step) and at the end, and
+a restarted run resumes from `DIR/latest` automatically; `--load CKPT` (a save directory or one
+`step_*` directory in it) starts from CKPT when DIR holds no checkpoint yet.
+
+Exit codes: 0 done (or stopped cleanly by SIGTERM/SIGUSR1, after saving), 2 bad config,
+3 non-finite abort, 4 checkpoint missing, corrupt or incompatible (nothing was loaded).
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ def parse_args(argv=None):
     ap.add_argument("--config", required=True, help="experiment YAML (see configs/)")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved config and counts, then exit")
     ap.add_argument("--summary-json", help="rank 0 writes the run summary here")
+    ap.add_argument("--load", metavar="CKPT",
+                    help="checkpoint to start from when checkpoint.save holds none (sets checkpoint.load)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
     return ap.parse_args(argv)
 
@@ -29,6 +38,8 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.load is not None:
+            cfg.checkpoint.load = args.load
     except (ConfigError, FileNotFoundError) as e:
         print(f"stem-train: {e}", file=sys.stderr)
         return 2
@@ -43,9 +54,12 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     import torch.distributed as dist
 
+    from stem_megatron.training.checkpoint import Checkpointer, CheckpointError
     from stem_megatron.training.trainer import NonFiniteAbort, Trainer
 
     trainer = Trainer(cfg)
+    trainer.checkpointer = Checkpointer(cfg.checkpoint)
+    is_rank0 = os.environ.get("RANK", "0") == "0"
     try:
         trainer.setup()
         if trainer.is_logger:
@@ -59,7 +73,16 @@ def main(argv=None) -> int:
     except NonFiniteAbort as e:
         print(f"stem-train: aborted: {e}", file=sys.stderr)
         return 3
+    except CheckpointError as e:  # raised identically on every rank: one line, from rank 0
+        if is_rank0:
+            print(f"stem-train: checkpoint error: {e}", file=sys.stderr, flush=True)
+        return 4
     if trainer.is_logger:
+        if summary["stopped_by"]:
+            saved = trainer.checkpointer.last_saved_step == trainer.step and cfg.checkpoint.save
+            print(f"stem-train: stopped by {summary['stopped_by']} after step {trainer.step}; "
+                  + (f"checkpoint saved in {cfg.checkpoint.save}, rerun the same command to resume" if saved
+                     else "no checkpoint (checkpoint.save is not set)"), flush=True)
         print("summary: " + json.dumps(summary), flush=True)
         if args.summary_json:
             with open(args.summary_json, "w") as f:

@@ -204,3 +204,18 @@ def test_format_counts_reports_stem_and_dense():
     assert "training 8.522 GFLOP" in text and "5.6% fewer" in text
     dense = format_counts(load_config(CONFIG_DIR / "tiny_dense.yaml"))
     assert "none (dense model)" in dense and "padded to 50304" in dense and "fewer" not in dense
+
+
+def test_dry_run_prints_the_paper_1b_figures(capsys):
+    """`stem-train --dry-run` needs no process group and prints 1.50 / 1.41 / 6.67 for the 1B shapes."""
+    import torch.distributed as dist
+
+    from stem_megatron.train import main
+
+    assert main(["--config", "configs/stem_1b.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "total 6.67B, active 1.41B per token; the dense model of this shape: 1.50B" in out
+    assert "stem layers  5 of 16: [1, 4, 8, 11, 14]" in out and "ratio: one_third" in out
+    assert not dist.is_initialized()
+    assert main(["--config", "configs/stem_1b.yaml", "--dry-run", "model.bogus=1"]) == 2
+    assert "model.bogus" in capsys.readouterr().err

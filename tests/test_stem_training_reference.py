@@ -13,23 +13,9 @@ import pytest
 import torch
 
 from stem_megatron.testing.distributed import run_distributed
+from stem_megatron.testing.models import TokenDataset
 
 STEPS = 4
-
-
-class _Data:
-    def __init__(self, n, seq, vocab, seed):
-        gen = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, vocab, (n, seq + 1), generator=gen)
-        self.seq = seq
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        ids = self.ids[i]
-        return {"tokens": ids[:-1], "labels": ids[1:], "loss_mask": torch.ones(self.seq),
-                "position_ids": torch.arange(self.seq)}
 
 
 def _config(**layout):
@@ -48,7 +34,7 @@ def _megatron_losses(rank, world_size, layout):
 
     cfg = _config(**layout)
     trainer = Trainer(cfg)
-    trainer.setup(datasets=(_Data(64, cfg.model.seq_length, 60, seed=3), None))
+    trainer.setup(datasets=(TokenDataset(64, cfg.model.seq_length, 60, seed=3), None))
     trainer.load_full_weights(reference_model(cfg, seed=0).state_dict())
     return [(r.loss, r.grad_norm) for r in (trainer.train_step() for _ in range(STEPS))]
 
@@ -60,7 +46,7 @@ def _reference_losses():
     cfg = _config()
     t = cfg.train
     ref = reference_model(cfg, seed=0)
-    data = _Data(64, cfg.model.seq_length, 60, seed=3)
+    data = TokenDataset(64, cfg.model.seq_length, 60, seed=3)
     tables = {n: p for n, p in ref.named_parameters() if "stem_table" in n}
     dense = [(n, p) for n, p in ref.named_parameters() if n not in tables]
     groups = [

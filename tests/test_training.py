@@ -8,25 +8,9 @@ import pytest
 import torch
 
 from stem_megatron.testing.distributed import run_distributed
+from stem_megatron.testing.models import TokenDataset
 
 STEPS = 10
-
-
-class _TokenDataset:
-    """Fixed random token sequences in megatron GPTDataset's item format."""
-
-    def __init__(self, n: int, seq: int, vocab: int, seed: int):
-        gen = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, vocab, (n, seq + 1), generator=gen)
-        self.seq = seq
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        ids = self.ids[i]
-        return {"tokens": ids[:-1], "labels": ids[1:], "loss_mask": torch.ones(self.seq),
-                "position_ids": torch.arange(self.seq)}
 
 
 def _train(rank, world_size, layout, steps, poison=(), max_skipped=10, parallel=None):
@@ -40,7 +24,7 @@ def _train(rank, world_size, layout, steps, poison=(), max_skipped=10, parallel=
         setattr(cfg.parallel, key, value)
     cfg.stem.lr = 1e-2
     trainer = Trainer(cfg)
-    data = _TokenDataset(64, cfg.model.seq_length, 60, seed=3)
+    data = TokenDataset(64, cfg.model.seq_length, 60, seed=3)
     trainer.setup(datasets=(data, None))
     trainer.load_full_weights(reference_model(cfg, seed=0).state_dict())
     trainer.poison_steps = set(poison)
@@ -112,7 +96,7 @@ def _train_precision(rank, world_size, precision):
     cfg = tiny_config()
     cfg.train.precision, cfg.train.train_steps, cfg.train.warmup_steps, cfg.train.lr = precision, 6, 1, 1e-2
     trainer = Trainer(cfg)  # megatron's own init (std 0.02): a realistically scaled model
-    trainer.setup(datasets=(_TokenDataset(64, cfg.model.seq_length, 60, seed=3), None))
+    trainer.setup(datasets=(TokenDataset(64, cfg.model.seq_length, 60, seed=3), None))
     losses = [trainer.train_step().loss for _ in range(6)]
     dense_dtypes = {p.dtype for c in trainer.chunks for p in c.parameters()}
     engine = trainer.engines[0]

@@ -113,6 +113,23 @@ def make_batches(cfg: ExperimentConfig, num_microbatches: int, seed: int = 1) ->
     return out
 
 
+class TokenDataset:
+    """Fixed random token sequences in megatron GPTDataset's item format (tests' in-memory data)."""
+
+    def __init__(self, n: int, seq: int, vocab: int, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, seq + 1), generator=gen)
+        self.seq = seq
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        ids = self.ids[i]
+        return {"tokens": ids[:-1], "labels": ids[1:], "loss_mask": torch.ones(self.seq),
+                "position_ids": torch.arange(self.seq)}
+
+
 def _loss_func(loss_mask, output_tensor):
     losses = output_tensor.float()
     loss_sum = (losses * loss_mask).sum()

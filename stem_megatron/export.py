@@ -1,0 +1,233 @@
+"""`stem-export`: a STEM checkpoint (any layout) to a Hugging Face style directory, on CPU.
+
+    stem-export --checkpoint runs/x/checkpoints --output exported/x [--dtype bfloat16]
+
+Writes `config.json` (Llama fields plus `stem_layers`, `stem_table_vocab_size`),
+`model.safetensors` (Hugging Face Llama parameter names plus
+`model.layers.{i}.mlp.stem_table.weight` [vocab, ffn] for every STEM layer) and the tokenizer
+files the checkpoint carries (or `--tokenizer PATH`). `load_exported(dir)` builds the
+plain-PyTorch `ReferenceStemLM` from it; its logits equal the megatron model's.
+
+The embedding and output layer keep megatron's padded vocabulary (`vocab_size` in config.json;
+the rows past the tokenizer's vocabulary are padding), so the logits are identical, padding
+columns included. The output directory is written under a temporary name and renamed when complete.
+Exit codes: 0 written, 2 bad arguments, 4 checkpoint missing/corrupt/unsupported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+CONFIG_JSON = "config.json"
+WEIGHTS = "model.safetensors"
+
+
+@contextlib.contextmanager
+def single_process_group():
+    """A one-rank gloo process group (no network) for megatron's checkpoint reader, if none exists."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def load_dense_tensors(ckpt: str) -> dict[str, torch.Tensor]:
+    """Full (unsharded) model tensors of a checkpoint by their megatron keys; optimizer state skipped."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    with single_process_group():
+        meta = dist_checkpointing.load_tensors_metadata(ckpt)
+        want = {k: v for k, v in meta.items() if isinstance(v, ShardedTensor) and not k.startswith("optimizer.")}
+        loaded = dist_checkpointing.load(want, ckpt)
+    return {k: loaded[k] for k in want}
+
+
+def _pick(dense: dict, *keys: str) -> torch.Tensor:
+    for k in keys:
+        if k in dense:
+            return dense[k]
+    raise KeyError(f"the checkpoint has none of {keys}")
+
+
+def to_reference_names(dense: dict[str, torch.Tensor], cfg, tables: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face Llama names (+ STEM tables) from full megatron tensors: the inverse of convert.reference_to_chunk."""
+    m = cfg.model
+    stem = set(cfg.stem_layers)
+    g, d, n = m.query_groups, m.head_dim, m.num_attention_heads
+    out = {"model.embed_tokens.weight": dense["embedding.word_embeddings.weight"]}
+    for i in range(m.num_layers):
+        o, r = f"decoder.layers.{i}.", f"model.layers.{i}."
+        qkv = dense[o + "self_attention.linear_qkv.weight"].view(g, (n // g + 2) * d, -1)
+        q, k, v = torch.split(qkv, [n // g * d, d, d], dim=1)
+        out[r + "self_attn.q_proj.weight"] = q.reshape(n * d, -1)
+        out[r + "self_attn.k_proj.weight"] = k.reshape(g * d, -1)
+        out[r + "self_attn.v_proj.weight"] = v.reshape(g * d, -1)
+        out[r + "self_attn.o_proj.weight"] = dense[o + "self_attention.linear_proj.weight"]
+        out[r + "input_layernorm.weight"] = _pick(
+            dense, o + "self_attention.linear_qkv.layer_norm_weight", o + "input_layernorm.weight")
+        out[r + "post_attention_layernorm.weight"] = _pick(
+            dense, o + "mlp.linear_fc1.layer_norm_weight", o + "pre_mlp_layernorm.weight")
+        fc1 = dense[o + "mlp.linear_fc1.weight"]
+        if i in stem:
+            out[r + "mlp.gate_proj.weight"] = fc1
+            out[r + "mlp.stem_table.weight"] = tables[i]
+        else:  # the checkpoint stores a gated fc1 as [gate (all TP shards); up (all TP shards)]
+            out[r + "mlp.gate_proj.weight"], out[r + "mlp.up_proj.weight"] = torch.chunk(fc1, 2, dim=0)
+        out[r + "mlp.down_proj.weight"] = dense[o + "mlp.linear_fc2.weight"]
+    out["model.norm.weight"] = dense["decoder.final_layernorm.weight"]
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = dense["output_layer.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def full_tables(ckpt: str, meta: dict) -> dict[int, torch.Tensor]:
+    """{layer: fp32 [vocab, ffn]} from the checkpoint's table files."""
+    from stem_megatron.training.table_io import TableReader, TableTarget
+
+    index = meta["tables"]
+    if index is None:
+        return {}
+    reader = TableReader(ckpt, index)
+    target = TableTarget(torch.arange(index["vocab_size"]), 0, index["ffn_hidden_size"])
+    return {layer: reader.read_layer(layer, target, kinds=("weight",))[0]["weight"] for layer in reader.layers}
+
+
+def hf_config(cfg, meta: dict, dtype: str, tokenizer: dict | None, vocab_rows: int) -> dict:
+    m = cfg.model
+    return {
+        "architectures": ["StemLlamaForCausalLM"],
+        "model_type": "stem_llama",
+        "vocab_size": vocab_rows,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.query_groups,
+        "head_dim": m.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": m.norm_epsilon,
+        "rope_theta": m.rotary_base,
+        "max_position_embeddings": m.seq_length,
+        "tie_word_embeddings": m.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": dtype,
+        "stem_layers": cfg.stem_layers,
+        "stem_table_vocab_size": m.vocab_size,
+        "stem_tokenizer": tokenizer,
+        "stem_megatron": {"step": meta["step"], "consumed_samples": meta["consumed_samples"],
+                          "versions": meta["versions"]},
+    }
+
+
+def load_exported(path: str, dtype: torch.dtype = torch.float32):
+    """The `ReferenceStemLM` of an exported directory, weights loaded (strict), in eval mode."""
+    from safetensors.torch import load_file
+
+    from stem_megatron.reference import ReferenceConfig, ReferenceStemLM
+
+    with open(os.path.join(path, CONFIG_JSON)) as f:
+        c = json.load(f)
+    ref = ReferenceStemLM(ReferenceConfig(
+        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
+        num_attention_heads=c["num_attention_heads"], num_query_groups=c["num_key_value_heads"],
+        head_dim=c["head_dim"], ffn_hidden_size=c["intermediate_size"], stem_layers=list(c["stem_layers"]),
+        table_vocab_size=c["stem_table_vocab_size"], rotary_base=c["rope_theta"], norm_epsilon=c["rms_norm_eps"],
+        tie_embeddings=c["tie_word_embeddings"],
+    ))
+    ref.load_state_dict(load_file(os.path.join(path, WEIGHTS)), strict=True)
+    return ref.to(dtype).eval()
+
+
+def _copy_tokenizer(src: str, out_dir: str, kind: str) -> dict:
+    if os.path.isdir(src):
+        names = sorted(os.listdir(src))
+        for name in names:
+            shutil.copy2(os.path.join(src, name), out_dir)
+        return {"kind": kind, "files": names}
+    shutil.copy2(src, out_dir)
+    return {"kind": kind, "files": [os.path.basename(src)]}
+
+
+def export(ckpt_path: str, output: str, dtype: str = "float32", tokenizer: str | None = None) -> str:
+    """Write the export of checkpoint `ckpt_path` (a checkpoint or save directory) to `output`."""
+    from safetensors.torch import save_file
+
+    from stem_megatron.training import checkpoint_format as fmt
+    from stem_megatron.training.checkpoint import read_meta, saved_config
+    from stem_megatron.training.checkpoint_format import CheckpointError
+
+    ckpt = fmt.resolve(ckpt_path)
+    if ckpt is None:
+        raise CheckpointError(f"{ckpt_path}: no checkpoint there")
+    fmt.verify(ckpt)
+    meta, cfg = read_meta(ckpt), saved_config(ckpt)
+    if cfg.model.normalization != "RMSNorm":
+        raise CheckpointError(f"checkpoint {ckpt}: model.normalization={cfg.model.normalization}; the export "
+                              "format (Llama names, ReferenceStemLM) is RMSNorm only")
+    if os.path.exists(output) and os.listdir(output):
+        raise FileExistsError(f"{output} exists and is not empty")
+    tok = None
+    if tokenizer is not None:
+        from stem_megatron.data.tokenizer import detect_kind
+
+        tok = (tokenizer, detect_kind(tokenizer))
+    elif meta.get("tokenizer"):
+        tok = (os.path.join(ckpt, meta["tokenizer"]["path"]), meta["tokenizer"]["kind"])
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    state = to_reference_names(load_dense_tensors(ckpt), cfg, full_tables(ckpt, meta))
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(os.path.abspath(output))}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.to(torch_dtype) for k, v in state.items()}, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+    os.chmod(os.path.join(tmp, WEIGHTS), 0o644)
+    tok_info = _copy_tokenizer(tok[0], tmp, tok[1]) if tok else None
+    with open(os.path.join(tmp, CONFIG_JSON), "w") as f:
+        json.dump(hf_config(cfg, meta, dtype, tok_info, state["model.embed_tokens.weight"].shape[0]), f, indent=2)
+    if os.path.isdir(output):
+        os.rmdir(output)  # empty (checked above)
+    os.rename(tmp, output)
+    return ckpt
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="stem-export", description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a save directory (uses latest)")
+    ap.add_argument("--output", required=True, help="directory to create (must not exist or be empty)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights dtype [float32]")
+    ap.add_argument("--tokenizer", help="tokenizer file/directory to ship instead of the checkpoint's copy")
+    args = ap.parse_args(argv)
+    from stem_megatron.data.tokenizer import TokenizerError
+    from stem_megatron.training.checkpoint_format import CheckpointError
+    from stem_megatron.training.table_io import TableFormatError
+
+    try:
+        ckpt = export(args.checkpoint, args.output, args.dtype, args.tokenizer)
+    except (FileExistsError, TokenizerError) as e:
+        print(f"stem-export: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, TableFormatError, KeyError) as e:
+        print(f"stem-export: checkpoint error: {e}", file=sys.stderr)
+        return 4
+    print(f"stem-export: wrote {args.output} from {ckpt}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

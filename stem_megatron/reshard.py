@@ -1,0 +1,165 @@
+"""`stem-reshard`: rewrite a STEM checkpoint for another parallel layout, offline, in one CPU process.
+
+    stem-reshard --input runs/a/checkpoints --output runs/b/checkpoints --world-size 16 \\
+        parallel.tensor_model_parallel_size=2 parallel.pipeline_model_parallel_size=2 stem.shard_size=4
+
+The target layout is the checkpoint's own config with `parallel.*` / `stem.shard_size`
+overrides, at `--world-size` ranks; it is validated like a training run would validate it.
+What is rewritten:
+- STEM tables and their optimizer state: re-partitioned into one file per (TP rank, shard rank)
+  of the target layout, rows round-robin over the target shard size, columns by target TP rank,
+  so that every target rank reads exactly one file per table tensor;
+- the recorded config and layout;
+- RNG states: kept when the target layout equals the source, dropped otherwise (a run at another
+  layout cannot continue the per-rank streams; the trainer reports it).
+Dense weights and dense optimizer state are stored layout-independently (torch_dist with global
+offsets; the distributed optimizer as `fully_reshardable`), so their files are copied as they
+are; what could stop a target from loading them (vocabulary padding that depends on TP, a switch
+between the plain and the distributed optimizer, fp32 <-> bf16) is checked here first.
+Output: `OUTPUT/step_N` and `OUTPUT/latest`, written under a temporary name, verified by a manifest.
+Exit codes: 0 written, 2 bad arguments or layout, 4 checkpoint missing/corrupt/incompatible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+
+def target_config(saved, overrides: list[str]):
+    """The saved config with layout overrides applied (ConfigError on a bad key, value or rule)."""
+    from stem_megatron.config import ConfigError, ExperimentConfig, apply_overrides
+
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if not (key.startswith("parallel.") or key == "stem.shard_size"):
+            raise ConfigError(f"{key}: stem-reshard changes the layout only (parallel.*, stem.shard_size)")
+    return ExperimentConfig.from_dict(apply_overrides(saved.to_dict(), overrides))
+
+
+def _copy_dense(src: str, dst: str) -> list[str]:
+    """Copy every file of `src` except the ones rewritten for the target layout; returns their names."""
+    from stem_megatron.training import checkpoint_format as fmt
+
+    skip_dirs = (fmt.TABLES + os.sep, fmt.RNG + os.sep)
+    copied = []
+    for name in fmt.list_files(src):
+        if name.startswith(skip_dirs) or name in (fmt.META, fmt.CONFIG):
+            continue
+        os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
+        shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+        copied.append(name)
+    return copied
+
+
+def write_tables(reader, out_dir: str, tp: int, shard: int) -> list[dict]:
+    """One table file per (TP rank, shard rank) of the target layout; returns the index entries."""
+    from stem_megatron.training import checkpoint_format as fmt
+    from stem_megatron.training.table_io import LazyTensor, TableTarget, write_table_file
+
+    vocab, ffn = reader.vocab_size, reader.ffn_hidden_size
+    cols = ffn // tp
+    os.makedirs(os.path.join(out_dir, fmt.TABLES), exist_ok=True)
+    entries = []
+    for t in range(tp):
+        for g in range(shard):
+            rows = torch.arange(g, vocab, shard, dtype=torch.int64)  # round-robin ownership, padding dropped
+            target = TableTarget(rows, t * cols, cols)
+            tensors = [("rows", rows)]
+            for layer in reader.layers:
+                for kind in ("weight", "exp_avg", "exp_avg_sq"):
+                    tensors.append((f"layers.{layer}.{kind}", LazyTensor(
+                        (rows.numel(), cols), torch.float32,
+                        lambda layer=layer, kind=kind, target=target: reader.read_layer(layer, target, (kind,))[0][kind])))
+                tensors.append((f"layers.{layer}.step", LazyTensor(
+                    (rows.numel(),), torch.int64,
+                    lambda layer=layer, target=target: reader.read_layer(layer, target, ())[1])))
+            meta = dict(vocab_size=vocab, ffn_hidden_size=ffn, col_start=t * cols, cols=cols,
+                        shard_rank=g, shard_size=shard, tp_rank=t, tp_size=tp)
+            rel = os.path.join(fmt.TABLES, f"tp{t:03d}_shard{g:05d}.safetensors")
+            write_table_file(os.path.join(out_dir, rel), tensors, meta)
+            entries.append({"path": rel, "layers": list(reader.layers), **meta})
+    return entries
+
+
+def reshard(input_path: str, output_root: str, world_size: int, overrides: list[str]) -> tuple[str, dict, dict]:
+    """Write the resharded checkpoint; returns (its directory, source layout, target layout)."""
+    from stem_megatron.config import ConfigError
+    from stem_megatron.training import checkpoint_format as fmt
+    from stem_megatron.training.checkpoint import (
+        RNG_LAYOUT_KEYS,
+        check_compatible,
+        layout_of,
+        read_meta,
+        saved_config,
+    )
+    from stem_megatron.training.checkpoint_format import CheckpointError
+    from stem_megatron.training.table_io import TableReader
+
+    src = fmt.resolve(input_path)
+    if src is None:
+        raise CheckpointError(f"{input_path}: no checkpoint there")
+    if os.path.abspath(os.path.dirname(src)) == os.path.abspath(output_root):
+        raise ConfigError(f"--output {output_root}: must differ from the input's save directory")
+    fmt.verify(src)
+    meta, saved = read_meta(src), saved_config(src)
+    cfg = target_config(saved, overrides)
+    layout = layout_of(cfg, world_size)  # validates the world (ConfigError)
+    check_compatible(cfg, meta, saved, src, meta["bf16"])
+    name = fmt.step_dir_name(meta["step"])
+    os.makedirs(output_root, exist_ok=True)
+    fmt.clean_stale(output_root)
+    tmp = os.path.join(output_root, fmt.TMP_PREFIX + name)
+    os.makedirs(tmp)
+    _copy_dense(src, tmp)
+    new_meta = dict(meta)
+    if meta["tables"] is not None:
+        reader = TableReader(src, meta["tables"])
+        new_meta["tables"] = dict(meta["tables"], files=write_tables(reader, tmp, layout["tp"], layout["shard_size"]))
+    if all(meta["layout"][k] == layout[k] for k in RNG_LAYOUT_KEYS):
+        shutil.copytree(os.path.join(src, fmt.RNG), os.path.join(tmp, fmt.RNG))
+    else:
+        new_meta["rng"] = {"files": []}
+    new_meta["layout"] = layout
+    new_meta["padded_vocab_size"] = cfg.model.padded_vocab_size(layout["tp"])
+    new_meta["resharded_from"] = {"path": os.path.abspath(src), "layout": meta["layout"],
+                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with open(os.path.join(tmp, fmt.CONFIG), "w") as f:
+        f.write(cfg.to_yaml())
+    fmt.write_json_atomic(os.path.join(tmp, fmt.META), new_meta)
+    fmt.write_manifest(tmp, meta["step"], fmt.describe_files(tmp, fmt.list_files(tmp)))
+    return fmt.publish(tmp, output_root, name), meta["layout"], layout
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="stem-reshard", description=__doc__.split("\n")[0])
+    ap.add_argument("--input", required=True, help="a checkpoint directory, or a save directory (uses latest)")
+    ap.add_argument("--output", required=True, help="save directory to write step_N and latest into")
+    ap.add_argument("--world-size", type=int, required=True, help="number of ranks of the target run")
+    ap.add_argument("overrides", nargs="*", help="target layout: parallel.*=..., stem.shard_size=...")
+    args = ap.parse_args(argv)
+    from stem_megatron.config import ConfigError
+    from stem_megatron.training.checkpoint_format import CheckpointError
+    from stem_megatron.training.table_io import TableFormatError
+
+    t0 = time.perf_counter()
+    try:
+        out, before, after = reshard(args.input, args.output, args.world_size, args.overrides)
+    except ConfigError as e:
+        print(f"stem-reshard: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, TableFormatError) as e:
+        print(f"stem-reshard: checkpoint error: {e}", file=sys.stderr)
+        return 4
+    changes = ", ".join(f"{k} {before.get(k)}->{v}" for k, v in after.items() if before.get(k) != v) or "no change"
+    print(f"stem-reshard: wrote {out} ({changes}; {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
