@@ -292,6 +292,7 @@ class StemConfig:
     warmup_steps: int | None = None  # None = train.warmup_steps
     lr_schedule: str | None = None  # None = train.lr_schedule
     deterministic: bool = False  # bitwise-reproducible sparse gradient accumulation
+    prefetch: bool = True  # start micro-batch i+1's table exchange right after micro-batch i's forward
 
     def __post_init__(self) -> None:
         s = "stem"

@@ -181,10 +181,34 @@ class StemGPTModel(GPTModel):
         layer_ids = [m.layer_number - 1 for m in self.stem_mlps]
         self.stem_slot_of_layer = {layer: slot for slot, layer in enumerate(layer_ids)}
         self.stem_engine = None
+        self._prefetched: list = []  # [(ids, StemPrefetch)] issued ahead, consumed in order
+        self.stem_prefetch_hits = 0  # lookups served by a prefetch (for tests and logging)
         if layer_ids:
             if engine_factory is None:
                 raise ValueError("the model has STEM layers but no engine_factory was given")
             self.stem_engine = engine_factory(layer_ids)
+
+    def prefetch_stem(self, input_ids: torch.Tensor) -> None:
+        """Start the table exchange for a coming micro-batch (its ids are known before its forward).
+
+        Routing and owner-side gathers run now; the rows' return all-to-all stays in flight until
+        that micro-batch's forward. Every rank of the STEM shard group must prefetch the same
+        micro-batches in the same order (data-parallel ranks run the same schedule).
+        """
+        if self.stem_engine is not None:
+            self._prefetched.append((input_ids, self.stem_engine.prefetch(input_ids)))
+
+    def _lookup(self, input_ids: torch.Tensor):
+        if self._prefetched:
+            ids, handle = self._prefetched[0]
+            if ids is input_ids or (ids.shape == input_ids.shape and torch.equal(ids, input_ids)):
+                self._prefetched.pop(0)
+                self.stem_prefetch_hits += 1
+                return handle.wait()
+            for _, stale in self._prefetched:  # a different order than prefetched: complete and drop
+                stale.wait()
+            self._prefetched.clear()
+        return self.stem_engine.lookup(input_ids)
 
     def _install(self, ctx: StemContext | None) -> None:
         for mlp in self.stem_mlps:
@@ -199,7 +223,7 @@ class StemGPTModel(GPTModel):
         if self.stem_engine is not None:
             if input_ids is None:
                 raise ValueError("STEM layers need input_ids on every pipeline stage")
-            ctx = StemContext(lookup=self.stem_engine.lookup(input_ids), slot_of_layer=self.stem_slot_of_layer)
+            ctx = StemContext(lookup=self._lookup(input_ids), slot_of_layer=self.stem_slot_of_layer)
         self._install(ctx)
         out = super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
         if ctx is not None and torch.is_grad_enabled() and out.requires_grad:

@@ -13,7 +13,7 @@ from stem_megatron.testing.models import TokenDataset
 STEPS = 10
 
 
-def _train(rank, world_size, layout, steps, poison=(), max_skipped=10, parallel=None):
+def _train(rank, world_size, layout, steps, poison=(), max_skipped=10, parallel=None, prefetch=True):
     from stem_megatron.testing.models import reference_model, tiny_config
     from stem_megatron.training.trainer import NonFiniteAbort, Trainer
 
@@ -22,6 +22,7 @@ def _train(rank, world_size, layout, steps, poison=(), max_skipped=10, parallel=
     cfg.train.max_skipped_steps = max_skipped
     for key, value in (parallel or {}).items():
         setattr(cfg.parallel, key, value)
+    cfg.stem.prefetch = prefetch
     cfg.stem.lr = 1e-2
     trainer = Trainer(cfg)
     data = TokenDataset(64, cfg.model.seq_length, 60, seed=3)
@@ -34,7 +35,8 @@ def _train(rank, world_size, layout, steps, poison=(), max_skipped=10, parallel=
             r = trainer.train_step()
             weights = sum(p.detach().double().sum().item() for c in trainer.chunks for p in c.parameters())
             weights += sum(e.weight.double().sum().item() for e in trainer.engines)
-            out.append((r.loss, r.grad_norm, r.skipped, weights))
+            hits = sum(c.stem_prefetch_hits for c in trainer.chunks)
+            out.append((r.loss, r.grad_norm, r.skipped, weights, hits))
     except NonFiniteAbort as e:
         out.append(("abort", str(e)))
     return out
@@ -66,6 +68,14 @@ def test_layouts_give_the_same_losses(baseline, name, world, layout, parallel):
     for step, (a, b) in enumerate(zip(got, baseline)):
         assert abs(a - b) <= 2e-5 * abs(b), f"layout {name} (TP,PP,DP) step {step + 1}: loss {a} vs {b}"
     assert baseline[-1] < baseline[0], "training did not reduce the loss"
+
+
+@pytest.mark.parametrize("name,world,layout", [("dp2_sharded", 2, dict()), ("pp2_vpp2", 2, dict(pp=2, vpp=2))])
+def test_prefetching_the_next_micro_batch_changes_nothing(name, world, layout):
+    on, off = (run_distributed(_train, world_size=world, args=(layout, 3, (), 10, None, p), timeout=300)[0]
+               for p in (True, False))
+    assert [o[:2] for o in on] == [o[:2] for o in off], f"{name}: prefetch on {on} vs off {off}"
+    assert on[-1][4] > 0 and off[-1][4] == 0, "the prefetched exchanges were not used"
 
 
 def test_gradient_accumulation_matches_one_big_micro_batch():

@@ -70,6 +70,31 @@ def peak_flops() -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+class _Peekable:
+    """Iterator over one step's micro-batches that can show the next one (for STEM prefetch)."""
+
+    def __init__(self, items):
+        self.items, self.i = items, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.i >= len(self.items):
+            raise StopIteration
+        self.i += 1
+        return self.items[self.i - 1]
+
+    def peek(self):
+        return self.items[self.i] if self.i < len(self.items) else None
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):  # DDP, Float16Module
+        model = model.module
+    return model
+
+
 class Trainer:
     """Build with a validated config, `setup()`, then `train()` (or drive `train_step` yourself)."""
 
@@ -192,6 +217,9 @@ class Trainer:
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
         out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        upcoming = data_iterator.peek()
+        if upcoming is not None and self.cfg.stem.prefetch:
+            _unwrap(model).prefetch_stem(upcoming["tokens"])
         poison = self.step in self.poison_steps and model.training
         return out, functools.partial(_loss_func, batch["loss_mask"], poison)
 
@@ -201,7 +229,7 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         model = self.model if len(self.model) > 1 else self.model[0]
-        iters = [iter(batches) for _ in self.model] if len(self.model) > 1 else iter(batches)
+        iters = [_Peekable(batches) for _ in self.model] if len(self.model) > 1 else _Peekable(batches)
         out = get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=iters, model=model,
             num_microbatches=len(batches), seq_length=self.cfg.model.seq_length,
