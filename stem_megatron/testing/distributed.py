@@ -32,7 +32,7 @@ def find_free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn, rank, world_size, port, args, kwargs, queue, env):
+def _worker(fn, rank, world_size, port, args, kwargs, queue, env, backend):
     os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -47,7 +47,9 @@ def _worker(fn, rank, world_size, port, args, kwargs, queue, env):
 
     torch.set_num_threads(int(env.get("STEM_TEST_THREADS", "1")))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args, **kwargs)
         queue.put((rank, "ok", result))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
@@ -66,8 +68,9 @@ def run_distributed(
     kwargs: dict | None = None,
     timeout: float = 300.0,
     env: dict[str, str] | None = None,
+    backend: str = "gloo",
 ) -> list[Any]:
-    """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` spawned gloo ranks.
+    """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` spawned ranks (gloo, or nccl on GPUs).
 
     Returns the per-rank return values (they must be picklable). Raises DistributedTestError
     naming every rank that raised or did not finish within `timeout` seconds.
@@ -80,7 +83,7 @@ def run_distributed(
     procs = [
         ctx.Process(
             target=_worker,
-            args=(fn, r, world_size, port, args, kwargs or {}, queue, child_env),
+            args=(fn, r, world_size, port, args, kwargs or {}, queue, child_env, backend),
             daemon=False,
         )
         for r in range(world_size)
