@@ -109,6 +109,7 @@ LAYOUTS = {
     "pp2_full_recompute": (2, dict(pp=2, recompute="full")),
     "pp2_vpp2_full_recompute": (2, dict(pp=2, vpp=2, recompute="full")),
     "pp2_selective_recompute": (2, dict(pp=2, recompute="selective")),
+    "pp2_deterministic": (2, dict(pp=2, deterministic=True)),
     "tp2_untied_dense": (2, dict(tp=2, tie_embeddings=False, stem_layers=None)),
 }
 

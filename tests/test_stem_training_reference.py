@@ -102,6 +102,7 @@ def reference():
 @pytest.mark.parametrize("name,world,layout", [
     ("dp2_shard2", 2, dict()),
     ("tp2_dp2_shard2", 4, dict(tp=2)),
+    ("dp2_shard2_deterministic", 2, dict(deterministic=True)),
 ])
 def test_sharded_training_matches_single_process_reference(reference, name, world, layout):
     got = run_distributed(_megatron_losses, world_size=world, args=(layout,), timeout=400)[0]

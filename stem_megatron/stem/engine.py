@@ -71,23 +71,24 @@ class _GatherSlot(torch.autograd.Function):
     """rows_ULF[:, slot][inverse_N] with an fp32 (and, if asked, ordered) token-to-row gradient sum."""
 
     @staticmethod
-    def forward(ctx, rows_ULF, slot, inverse_N, lookup):
+    def forward(ctx, rows_ULF, slot, inverse_N, lookup, inverse):
         ctx.save_for_backward(inverse_N)
-        ctx.slot, ctx.lookup, ctx.shape, ctx.dtype = slot, lookup, rows_ULF.shape, rows_ULF.dtype
+        ctx.slot, ctx.lookup, ctx.inverse = slot, lookup, inverse
+        ctx.shape, ctx.dtype = rows_ULF.shape, rows_ULF.dtype
         return rows_ULF[:, slot].index_select(0, inverse_N)
 
     @staticmethod
     def backward(ctx, grad_NF):
         (inverse_N,) = ctx.saved_tensors
         n_unique, n_layers, n_cols = ctx.shape
-        plan = ctx.lookup._plan()
+        plan = ctx.lookup._plan(ctx.inverse)
         if plan is None:
             grad_UF = index_sum(inverse_N, grad_NF.float(), n_unique, deterministic=False)
         else:
             grad_UF = plan.index_sum(grad_NF.float(), n_unique)
         grad_ULF = grad_NF.new_zeros((n_unique, n_layers, n_cols), dtype=ctx.dtype)
         grad_ULF[:, ctx.slot] = grad_UF.to(ctx.dtype)
-        return grad_ULF, None, None, None
+        return grad_ULF, None, None, None, None
 
 
 class StemLookup:
@@ -105,22 +106,27 @@ class StemLookup:
         self.unique_ids = unique_ids_U
         self.stats = stats
         self._deterministic = deterministic
-        self._segment_plan: SegmentPlan | None = None
+        self._segment_plans: list[tuple[torch.Tensor, SegmentPlan]] = []
 
-    def _plan(self) -> SegmentPlan | None:
-        """The ordered token-to-row summation schedule (deterministic engines), built once per lookup."""
+    def _plan(self, inverse: torch.Tensor) -> SegmentPlan | None:
+        """The ordered token-to-row summation schedule (deterministic engines), built once per inverse."""
         if not self._deterministic:
             return None
-        if self._segment_plan is None:
-            self._segment_plan = SegmentPlan(self.inverse.reshape(-1))
-        return self._segment_plan
+        for known, plan in self._segment_plans:
+            if known is inverse:
+                return plan
+        plan = SegmentPlan(inverse.reshape(-1))
+        self._segment_plans.append((inverse, plan))
+        return plan
 
-    def gather(self, slot: int) -> torch.Tensor:
-        """Per-token rows of slot `slot`: [*ids.shape, F]. Prefer this to `rows[:, slot][inverse]`:
+    def gather(self, slot: int, inverse: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token rows of slot `slot`: [*inverse.shape, F] (default: this lookup's `inverse`, the
+        ids' shape; a permuted inverse, e.g. `inverse.t().contiguous()` for megatron's sequence-first
+        activations, gives contiguous rows in that order). Prefer this to `rows[:, slot][inverse]`:
         its backward sums tokens in fp32, in a fixed order when the engine is deterministic."""
-        inverse_N = self.inverse.reshape(-1)
-        out_NF = _GatherSlot.apply(self.rows, slot, inverse_N, self)
-        return out_NF.view(*self.inverse.shape, self.rows.shape[-1])
+        inverse = self.inverse if inverse is None else inverse
+        out_NF = _GatherSlot.apply(self.rows, slot, inverse.reshape(-1), self, inverse)
+        return out_NF.view(*inverse.shape, self.rows.shape[-1])
 
 
 class StemPrefetch:

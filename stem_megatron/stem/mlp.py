@@ -37,9 +37,12 @@ class StemContext:
     lookup: object
     slot_of_layer: dict[int, int]
 
+    def __post_init__(self):
+        self.inverse_sb = self.lookup.inverse.t().contiguous()  # megatron's activations are [s, b, ...]
+
     def rows_for(self, layer_index: int) -> torch.Tensor:
-        """Per-token rows [s, b, f] of the STEM layer with global 0-based index `layer_index`."""
-        return self.lookup.gather(self.slot_of_layer[layer_index]).transpose(0, 1)
+        """Per-token rows [s, b, f] (contiguous) of the STEM layer with global 0-based index `layer_index`."""
+        return self.lookup.gather(self.slot_of_layer[layer_index], self.inverse_sb)
 
 
 class StemMLP(MegatronModule):
