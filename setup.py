@@ -29,6 +29,8 @@ setup(
     entry_points={
         "console_scripts": [
             "stem-train=stem_megatron.train:main",
+            "stem-reshard=stem_megatron.reshard:main",
+            "stem-export=stem_megatron.export:main",
             "stem-preprocess=data_tools.preprocess:main",
             "stem-train-tokenizer=data_tools.train_tokenizer:main",
             "stem-sample-data=data_tools.sample_corpus:main",

@@ -152,6 +152,12 @@ MODULE_PATCHES: tuple[ModuleProxyPatch, ...] = (
     ModuleProxyPatch("megatron.core.distributed.param_and_grad_buffer",
                      "_ParamAndGradBuffer: param/grad buffers on current_device",
                      "torch.cuda.current_device()"),
+    ModuleProxyPatch("megatron.core.dist_checkpointing.strategies.filesystem_async",
+                     "FileSystemWriterAsync.preload_tensors: torch.cuda.synchronize()",
+                     "torch.cuda.synchronize()"),
+    ModuleProxyPatch("megatron.core.dist_checkpointing.strategies.state_dict_saver",
+                     "verify_global_md_reuse / _compute_failure_flags: tensors on device='cuda'",
+                     "torch.cuda.current_device()"),
 )
 
 
@@ -183,6 +189,10 @@ SCOPED_PATCHES: tuple[ScopedMethodPatch, ...] = (
     ScopedMethodPatch("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.__init__", "type",
                       "param.type() in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor']",
                       "torch.cuda.HalfTensor"),
+    ScopedMethodPatch("megatron.core.optimizer.distrib_optimizer:"
+                      "DistributedOptimizer.get_parameter_state_dp_zero", "cuda",
+                      "fully_reshardable checkpoint save/load: send_tensor.cuda() before the DP all-gather",
+                      "send_tensor.cuda()"),
 )
 
 _REAL_TENSOR_CUDA = torch.Tensor.cuda

@@ -110,7 +110,8 @@ def reshard(input_path: str, output_root: str, world_size: int, overrides: list[
     meta, saved = read_meta(src), saved_config(src)
     cfg = target_config(saved, overrides)
     layout = layout_of(cfg, world_size)  # validates the world (ConfigError)
-    check_compatible(cfg, meta, saved, src, meta["bf16"])
+    for note in check_compatible(cfg, meta, saved, src, meta["bf16"]):
+        print(f"stem-reshard: note: {note}")
     name = fmt.step_dir_name(meta["step"])
     os.makedirs(output_root, exist_ok=True)
     fmt.clean_stale(output_root)
@@ -121,10 +122,10 @@ def reshard(input_path: str, output_root: str, world_size: int, overrides: list[
     if meta["tables"] is not None:
         reader = TableReader(src, meta["tables"])
         new_meta["tables"] = dict(meta["tables"], files=write_tables(reader, tmp, layout["tp"], layout["shard_size"]))
-    if all(meta["layout"][k] == layout[k] for k in RNG_LAYOUT_KEYS):
+    if meta["rng"]["layout"] == {k: layout[k] for k in RNG_LAYOUT_KEYS}:
         shutil.copytree(os.path.join(src, fmt.RNG), os.path.join(tmp, fmt.RNG))
-    else:
-        new_meta["rng"] = {"files": []}
+    else:  # per-rank streams of another layout cannot continue; the trainer reports it on load
+        new_meta["rng"] = {"layout": None, "files": []}
     new_meta["layout"] = layout
     new_meta["padded_vocab_size"] = cfg.model.padded_vocab_size(layout["tp"])
     new_meta["resharded_from"] = {"path": os.path.abspath(src), "layout": meta["layout"],

@@ -68,7 +68,12 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _agree(fn, *args, group=None, **kwargs):
+# Every checkpoint collective spans the world group: all ranks write, hash and verify a share.
+def _world_group():
+    return dist.group.WORLD
+
+
+def _agree(fn, *args, **kwargs):
     """Run fn on every rank; if any rank raised, raise the first rank's error on all of them."""
     err, out = None, None
     try:
@@ -76,11 +81,19 @@ def _agree(fn, *args, group=None, **kwargs):
     except Exception as e:  # noqa: BLE001 - any rank's failure must reach every rank
         err = f"{e}" if isinstance(e, CheckpointError | TableFormatError) else f"{type(e).__name__}: {e}"
     if dist.is_initialized():
-        errs = [None] * dist.get_world_size(group)
-        dist.all_gather_object(errs, err, group=group)
+        errs = [None] * _world()
+        dist.all_gather_object(errs, err, group=_world_group())
         err = next((e for e in errs if e), None)
     if err:
         raise CheckpointError(err.replace("\n", " "))
+    return out
+
+
+def _all_gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * _world()
+    dist.all_gather_object(out, obj, group=_world_group())
     return out
 
 
@@ -88,13 +101,13 @@ def _broadcast(obj, src: int = 0):
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=_world_group())
     return box[0]
 
 
 def _barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_world_group())
 
 
 def layout_of(cfg: ExperimentConfig, world_size: int) -> dict:
@@ -131,8 +144,12 @@ def read_meta(ckpt_dir: str) -> dict:
     return meta
 
 
-def check_compatible(cfg: ExperimentConfig, meta: dict, saved: ExperimentConfig, ckpt_dir: str, bf16: bool) -> None:
-    """Raise CheckpointError (one line) if `cfg` cannot continue from this checkpoint."""
+def check_compatible(cfg: ExperimentConfig, meta: dict, saved: ExperimentConfig, ckpt_dir: str, bf16: bool) -> list[str]:
+    """Raise CheckpointError (one line) if `cfg` cannot continue from this checkpoint.
+
+    Returns notes (one line each) on what loads, but not bit for bit: today only a vocabulary
+    padding that changes with TP.
+    """
     def fail(what: str) -> None:
         raise CheckpointError(f"checkpoint {ckpt_dir}: {what}")
 
@@ -142,12 +159,6 @@ def check_compatible(cfg: ExperimentConfig, meta: dict, saved: ExperimentConfig,
             fail(f"saved with model.{name}={a}, this run has {b}")
     if saved.stem_layers != cfg.stem_layers:
         fail(f"saved with STEM layers {saved.stem_layers}, this run has {cfg.stem_layers}")
-    tp = cfg.parallel.tensor_model_parallel_size
-    padded = cfg.model.padded_vocab_size(tp)
-    if meta["padded_vocab_size"] != padded:
-        fail(f"its embedding has {meta['padded_vocab_size']} rows (vocab {cfg.model.vocab_size} padded for "
-             f"TP={meta['layout']['tp']}), this layout pads to {padded} (TP={tp}); choose "
-             "model.make_vocab_size_divisible_by so that both paddings agree")
     if meta["layout"]["use_distributed_optimizer"] != cfg.parallel.use_distributed_optimizer:
         fail(f"saved with parallel.use_distributed_optimizer={meta['layout']['use_distributed_optimizer']}, this run "
              f"has {cfg.parallel.use_distributed_optimizer}; the dense optimizer state formats differ")
@@ -157,6 +168,35 @@ def check_compatible(cfg: ExperimentConfig, meta: dict, saved: ExperimentConfig,
         fail(f"saved with train.global_batch_size={meta['global_batch_size']}; the data position "
              f"(consumed samples {meta['consumed_samples']}) needs the same global batch, this run has "
              f"{cfg.train.global_batch_size}")
+    notes = []
+    tp = cfg.parallel.tensor_model_parallel_size
+    padded = cfg.model.padded_vocab_size(tp)
+    if meta["padded_vocab_size"] != padded:
+        notes.append(
+            f"vocabulary padding changes from {meta['padded_vocab_size']} to {padded} rows (TP {meta['layout']['tp']} -> "
+            f"{tp}): the {cfg.model.vocab_size} vocabulary rows of the embedding/output layer load exactly, padding rows "
+            "are dropped or zero-filled, and the softmax over the padded vocabulary changes slightly; for bit-exact "
+            "resharding choose model.make_vocab_size_divisible_by so that both paddings agree"
+        )
+    return notes
+
+
+def use_in_process_write_results() -> None:
+    """Synchronous saves collect megatron's writer results in an in-process queue, not a Manager.
+
+    megatron's `filesystem_async` keeps the results queue of its (possibly asynchronous) writer in
+    a spawned `multiprocessing.Manager` process. Our saves are synchronous: the queue is filled
+    and drained by the saving process itself, so a `queue.Queue` does the same job without a
+    helper process that re-imports `__main__`, that dies with its process group's SIGTERM (a
+    preemption signal sent to the group would break the very save it asks for), and that outlives
+    a SIGKILLed trainer. tests/test_checkpoint.py checks that the hook still exists.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not isinstance(filesystem_async._results_queue, queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _dense_optimizers(optimizer) -> list:
@@ -232,9 +272,10 @@ class Checkpointer:
             return self.loaded
         from megatron.core import dist_checkpointing
 
-        from stem_megatron.training import checkpoint_compat
+        from stem_megatron import compat
 
-        checkpoint_compat.apply()
+        compat.apply()
+        use_in_process_write_results()
         t0 = time.perf_counter()
         tmp = os.path.join(root, fmt.TMP_PREFIX + name)
         if _rank() == 0:
@@ -244,31 +285,32 @@ class Checkpointer:
         _barrier()
         dist_checkpointing.save(self._sharded_state_dict(trainer, is_loading=False), tmp,
                                 validate_access_integrity=True)
-        table_entry = self._write_tables(trainer, tmp)
-        self._write_rng(tmp)
-        entries = [None] * _world()
-        if dist.is_initialized():
-            dist.all_gather_object(entries, table_entry)
-        else:
-            entries = [table_entry]
-        if _rank() == 0:
-            self._write_meta(trainer, tmp, [e for e in entries if e is not None])
-        _barrier()
+        # Failures of one rank's writes (a full disk) are agreed, so no rank waits in a collective.
+        table_entry = _agree(self._write_tables, trainer, tmp)
+        _agree(self._write_rng, tmp)
+        entries = _all_gather(table_entry)
+        _agree(lambda: self._write_meta(trainer, tmp, [e for e in entries if e is not None]) if _rank() == 0 else None)
         files = self._hash_files(tmp)
         final_dir = os.path.join(root, name)
+        pruned = _agree(self._publish, tmp, root, name, step, files)
         if _rank() == 0:
-            fmt.write_manifest(tmp, step, files)
-            fmt.publish(tmp, root, name)
-            pruned = fmt.prune(root, self.cfg.keep_last)
             size = sum(e["size"] for e in files.values())
             trainer.metrics.line(
                 f"checkpoint: saved step {step} to {final_dir} ({size / 2**20:.1f} MiB, {len(files)} files, "
                 f"{time.perf_counter() - t0:.1f} s)" + (" [final]" if final else "")
                 + (f"; removed {', '.join(pruned)}" if pruned else "")
             )
-        _barrier()
         self.last_saved_step = step
         return final_dir
+
+    def _publish(self, tmp: str, root: str, name: str, step: int, files: dict) -> list[str]:
+        """Rank 0: manifest, directory fsyncs, atomic rename, `latest`, pruning; returns pruned names."""
+        if _rank() != 0:
+            return []
+        fmt.fsync_dirs(tmp)
+        fmt.write_manifest(tmp, step, files)
+        fmt.publish(tmp, root, name)
+        return fmt.prune(root, self.cfg.keep_last)
 
     @staticmethod
     def _write_tables(trainer, tmp: str) -> dict | None:
@@ -328,7 +370,8 @@ class Checkpointer:
                 "vocab_size": cfg.model.vocab_size, "ffn_hidden_size": cfg.model.ffn_hidden_size,
                 "layers": cfg.stem_layers, "files": sorted(table_files, key=lambda e: e["path"]),
             } if cfg.stem_layers else None,
-            "rng": {"files": [os.path.join(fmt.RNG, f"rank{r:05d}.pt") for r in range(trainer.info.world_size)]},
+            "rng": {"layout": {k: layout[k] for k in RNG_LAYOUT_KEYS},
+                    "files": [os.path.join(fmt.RNG, f"rank{r:05d}.pt") for r in range(trainer.info.world_size)]},
             "tokenizer": tokenizer,
             "versions": {"torch": torch.__version__, "megatron_core": megatron.core.__version__},
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -337,24 +380,19 @@ class Checkpointer:
 
     @staticmethod
     def _hash_files(ckpt_dir: str) -> dict[str, dict]:
-        """Every rank hashes a size-balanced share of the files; all ranks get the full table."""
+        """Every rank hashes (and fsyncs) a size-balanced share of the files; all ranks get the full table."""
         names = _broadcast(fmt.list_files(ckpt_dir) if _rank() == 0 else None)
         sizes = {n: os.path.getsize(os.path.join(ckpt_dir, n)) for n in names} if _rank() == 0 else None
         share = _broadcast(fmt.split_by_size(sizes, _world()) if _rank() == 0 else None)[_rank()]
-        mine = fmt.describe_files(ckpt_dir, share)
-        parts = [None] * _world()
-        if dist.is_initialized():
-            dist.all_gather_object(parts, mine)
-        else:
-            parts = [mine]
-        return {k: v for p in parts for k, v in p.items()}
+        mine = _agree(fmt.describe_files, ckpt_dir, share)
+        return {k: v for part in _all_gather(mine) for k, v in part.items()}
 
     # ------------------------------------------------------------------ load
     def resume(self, trainer) -> str | None:
         """Load the latest checkpoint of `cfg.save`, else `cfg.load`; None when starting fresh."""
         ckpt = None
         if self.cfg.save:
-            ckpt = _agree(lambda: fmt.read_latest(self.cfg.save) if os.path.isdir(self.cfg.save) else None)
+            ckpt = _agree(fmt.resolve, self.cfg.save)
             if ckpt and self.cfg.load:
                 trainer.metrics.line(f"checkpoint: {self.cfg.save} has a checkpoint; resuming from it, not from "
                                      f"checkpoint.load={self.cfg.load}")
@@ -378,14 +416,14 @@ class Checkpointer:
         """Load checkpoint directory `ckpt` into the set-up trainer (any layout). Collective."""
         from megatron.core import dist_checkpointing
 
-        from stem_megatron.training import checkpoint_compat
+        from stem_megatron import compat
 
         t0 = time.perf_counter()
         self._verify(ckpt)
         meta = _agree(read_meta, ckpt)
         saved = _agree(saved_config, ckpt)
-        _agree(check_compatible, trainer.cfg, meta, saved, ckpt, bool(trainer.bf16))
-        checkpoint_compat.apply()
+        notes = _agree(check_compatible, trainer.cfg, meta, saved, ckpt, bool(trainer.bf16))
+        compat.apply()
         now = layout_of(trainer.cfg, trainer.info.world_size)
         hyper = [[{k: g[k] for k in _HYPER_KEYS} for g in opt.param_groups] for opt in _dense_optimizers(trainer.optimizer)]
         if trainer.cfg.parallel.use_distributed_optimizer:
@@ -405,7 +443,7 @@ class Checkpointer:
         trainer.step = int(meta["step"])
         trainer.skipped_steps = int(meta["skipped_steps"])
         trainer.consecutive_skips = int(meta["consecutive_skips"])
-        same_rng_layout = all(meta["layout"][k] == now[k] for k in RNG_LAYOUT_KEYS)
+        same_rng_layout = meta["rng"]["layout"] == {k: now[k] for k in RNG_LAYOUT_KEYS}
         if same_rng_layout:
             path = os.path.join(ckpt, fmt.RNG, f"rank{_rank():05d}.pt")
             state = _agree(lambda: torch.load(path, weights_only=True))
@@ -418,6 +456,8 @@ class Checkpointer:
             f"{time.perf_counter() - t0:.1f} s)"
             + (" resharded " + ", ".join(f"{k} {a}->{b}" for k, (a, b) in changed.items()) if changed else "")
         )
+        for note in notes:
+            trainer.metrics.line(f"checkpoint: {note}")
         if not same_rng_layout:
             trainer.metrics.line(
                 "checkpoint: RNG states not restored (saved for another parallel layout); every generator keeps "

@@ -13,8 +13,8 @@
 
 A checkpoint is written into `.tmp-<name>`, its manifest is written, the directory is renamed to
 `<name>` (atomic on POSIX file systems), then `latest` is replaced. A run killed at any point
-leaves `latest` naming a complete, verified checkpoint. `latest` is the only authority for
-"the newest checkpoint". Loading checks every manifest entry (size, then sha256) before reading
+leaves `latest` naming a complete, verified checkpoint; `latest` is the authority for "the newest
+checkpoint" (without one, the highest step directory is, see `resolve`). Loading checks every manifest entry (size, then sha256) before reading
 anything; a mismatch is a `CheckpointError` naming the file and what is wrong.
 """
 
@@ -90,18 +90,27 @@ def list_files(ckpt_dir: str) -> list[str]:
     return sorted(out)
 
 
-def sha256_file(path: str) -> str:
+def sha256_file(path: str, sync: bool = False) -> str:
+    """Hex sha256 of a file; `sync` also flushes it to stable storage (before a publish)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
+        if sync:
+            os.fsync(f.fileno())
     return h.hexdigest()
 
 
 def describe_files(ckpt_dir: str, names: list[str]) -> dict[str, dict]:
-    """{name: {"size", "sha256"}} for the given relative paths."""
-    return {n: {"size": os.path.getsize(os.path.join(ckpt_dir, n)), "sha256": sha256_file(os.path.join(ckpt_dir, n))}
-            for n in names}
+    """{name: {"size", "sha256"}} for the given relative paths, each file fsynced."""
+    return {n: {"size": os.path.getsize(os.path.join(ckpt_dir, n)),
+                "sha256": sha256_file(os.path.join(ckpt_dir, n), sync=True)} for n in names}
+
+
+def fsync_dirs(root: str) -> None:
+    """fsync every directory under `root` (their entries), deepest first."""
+    for base, _, _ in sorted(os.walk(root), key=lambda w: -w[0].count(os.sep)):
+        fsync_dir(base)
 
 
 def split_by_size(sizes: dict[str, int], parts: int) -> list[list[str]]:
@@ -184,9 +193,11 @@ def read_latest(root: str) -> str | None:
 
 
 def resolve(path: str) -> str | None:
-    """A checkpoint directory from a save root (via `latest`) or a checkpoint directory itself.
+    """A checkpoint directory from a save root or a checkpoint directory itself.
 
-    None when `path` holds no checkpoint at all (no manifest, no pointer, no step directories).
+    A save root resolves through `latest`; without a pointer (a run killed between its first
+    rename and the pointer update, or a pointer deleted by hand) to its highest step directory:
+    step directories only ever appear complete, by the rename. None when there is no checkpoint.
     """
     if not os.path.isdir(path):
         return None
@@ -195,9 +206,8 @@ def resolve(path: str) -> str | None:
     latest = read_latest(path)
     if latest is not None:
         return latest
-    if any(step_of(n) is not None for n in os.listdir(path)):
-        raise CheckpointError(f"{path}: has checkpoint directories but no `{LATEST}` pointer; pass one directory")
-    return None
+    steps = sorted((s, n) for n in os.listdir(path) if (s := step_of(n)) is not None)
+    return os.path.join(path, steps[-1][1]) if steps else None
 
 
 def remove_tree(path: str) -> None:
