@@ -31,6 +31,23 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def _fmt(x, spec=".4f"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def _human_summary(summary: dict, cfg) -> str:
+    lines = [
+        f"done: {summary['steps']} steps",
+        f"  train loss      {_fmt(summary['first_loss'])} -> {_fmt(summary['last_loss'])}",
+        f"  validation loss {_fmt(summary['first_val_loss'])} -> {_fmt(summary['last_val_loss'])}",
+        f"  throughput      {_fmt(summary['tokens_per_s'], ',.0f')} tokens/s, {_fmt(summary['step_time_s'], '.3f')} s/step",
+        f"  tensorboard     {summary['tensorboard']}   (tensorboard --logdir {summary['tensorboard']})",
+    ]
+    if cfg.checkpoint.save:
+        lines.append(f"  checkpoints     {cfg.checkpoint.save}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from stem_megatron.config import ConfigError, load_config
@@ -83,6 +100,7 @@ def main(argv=None) -> int:
             print(f"stem-train: stopped by {summary['stopped_by']} after step {trainer.step}; "
                   + (f"checkpoint saved in {cfg.checkpoint.save}, rerun the same command to resume" if saved
                      else "no checkpoint (checkpoint.save is not set)"), flush=True)
+        print(_human_summary(summary, cfg), flush=True)
         print("summary: " + json.dumps(summary), flush=True)
         if args.summary_json:
             with open(args.summary_json, "w") as f:
