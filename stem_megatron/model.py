@@ -216,6 +216,8 @@ class StemGPTModel(GPTModel):
 
     def _on_backward_start(self, ctx: StemContext, grad):
         self._install(ctx)  # this micro-batch's rows, for activation recompute in its backward
+        # Earlier micro-batches' backwards on this chunk are complete: fold their row gradients.
+        self.stem_engine.fold_before(ctx.lookup)
         return None
 
     def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):

@@ -194,3 +194,29 @@ def test_constructor_validation():
         _engine(layer_ids=[1, 1])
     with pytest.raises(ValueError, match="id_exchange"):
         _engine(id_exchange="broadcast")
+
+
+def test_folding_completed_micro_batches_keeps_the_union_and_the_sums():
+    """fold_before(lookup) sums earlier micro-batches' row gradients locally (as the model's backward
+    hook does): the result equals reducing everything at the end, and the buffer holds the union."""
+
+    def run(fold: bool):
+        engine = StemTableEngine(vocab_size=50, layer_ids=[0, 3], ffn_hidden_size=8, init_std=0.1, seed=5)
+        gen = torch.Generator().manual_seed(1)
+        w = torch.randn(2, 8, generator=gen)
+        seen = set()
+        for mb in range(4):
+            ids = torch.randint(0, 12, (3, 5), generator=gen)
+            seen |= set(ids.flatten().tolist())
+            lk = engine.lookup(ids)
+            if fold:
+                engine.fold_before(lk)  # the previous micro-batch's backward is complete
+                if mb:
+                    assert engine.num_pending == 1 and engine._folded[0].numel() <= len(seen)
+            ((lk.gather(0) * w[0]).sum(-1).pow(2).sum() + (lk.gather(1) * w[1]).sum()).backward()
+        engine.reduce_grads()
+        return engine.grad_index, engine.grad_values
+
+    (i_fold, v_fold), (i_end, v_end) = run(True), run(False)
+    assert torch.equal(i_fold, i_end)
+    assert torch.allclose(v_fold, v_end, rtol=1e-6, atol=1e-6)

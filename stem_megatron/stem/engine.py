@@ -229,6 +229,7 @@ class StemTableEngine:
         self.grad_values: torch.Tensor | None = None
         self.stats: dict = {}
         self._pending: list[StemLookup] = []
+        self._folded: tuple[torch.Tensor, torch.Tensor] | None = None  # (sorted ids, fp32 sums) of folded lookups
 
     # ----------------------------------------------------------------- layout helpers
     @property
@@ -344,18 +345,16 @@ class StemTableEngine:
         """
         lay = self.layout
         g, me = lay.shard_size, lay.shard_rank
-        pending, self._pending = self._pending, []
+        shape_LF = (len(lay.layer_ids), lay.cols_local)
         with torch.no_grad():
-            keys = [lk.unique_ids for lk in pending if lk.rows.grad is not None]
-            vals = [lk.rows.grad.float() for lk in pending if lk.rows.grad is not None]
-            shape_LF = (len(lay.layer_ids), lay.cols_local)
-            if keys:
-                ids_M, grads_MLF = torch.cat(keys), torch.cat(vals)
-            else:
-                ids_M = torch.empty(0, dtype=torch.int64, device=self.device)
-                grads_MLF = torch.empty(0, *shape_LF, dtype=torch.float32, device=self.device)
             # Local dedupe over micro-batches: one row per id leaves this rank.
-            ids_K, grads_KLF = unique_sum(ids_M, grads_MLF, self.deterministic)
+            self.fold_completed(len(self._pending))
+            if self._folded is None:
+                ids_K = torch.empty(0, dtype=torch.int64, device=self.device)
+                grads_KLF = torch.empty(0, *shape_LF, dtype=torch.float32, device=self.device)
+            else:
+                ids_K, grads_KLF = self._folded
+            self._folded = None
             grad_row_bytes = shape_LF[0] * shape_LF[1] * 4
             if g > 1:
                 perm_K, send = owner_major(ids_K, g)
@@ -391,6 +390,35 @@ class StemTableEngine:
         dist.all_reduce(buf_nLF, group=group)
         return union, buf_nLF, sizes
 
+    def fold_completed(self, n: int) -> None:
+        """Sum the row gradients of the first `n` pending lookups into this rank's local accumulator.
+
+        Local only (no communication). Call it once those lookups' backward is complete, e.g. when a
+        later micro-batch's backward starts (schedules run each chunk's backwards in micro-batch
+        order): the step's table-gradient memory is then bounded by the union of its unique ids,
+        not by the sum over micro-batches. `reduce_grads` folds whatever is left.
+        """
+        done, self._pending = self._pending[:n], self._pending[n:]
+        with torch.no_grad():
+            keys = [lk.unique_ids for lk in done if lk.rows.grad is not None]
+            vals = [lk.rows.grad.float() for lk in done if lk.rows.grad is not None]
+            for lk in done:
+                lk.rows.grad = None
+            if not keys:
+                return
+            if self._folded is not None:
+                keys.insert(0, self._folded[0])
+                vals.insert(0, self._folded[1])
+            self._folded = unique_sum(torch.cat(keys), torch.cat(vals), self.deterministic)
+
+    def fold_before(self, lookup: StemLookup) -> None:
+        """`fold_completed` for every pending lookup made before `lookup`."""
+        for i, lk in enumerate(self._pending):
+            if lk is lookup:
+                if i:
+                    self.fold_completed(i)
+                return
+
     def zero_grad(self) -> None:
         """Drop the reduced gradient (pending lookups are kept: they belong to the coming step)."""
         self.grad_index, self.grad_values = None, None
@@ -398,6 +426,7 @@ class StemTableEngine:
     def discard_pending(self) -> None:
         """Forget lookups made with grad enabled whose gradients will never be reduced."""
         self._pending = []
+        self._folded = None
 
     @property
     def num_pending(self) -> int:
