@@ -20,8 +20,16 @@ INPUT_FORMATS = ("jsonl", "text")
 TEXT_SPLITS = ("file", "blank-lines")
 
 
-def add_format_args(p) -> None:
-    """The input-format flags shared by stem-preprocess and stem-train-tokenizer."""
+def add_input_args(p) -> None:
+    """The input flags shared by stem-preprocess and stem-train-tokenizer."""
+    p.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="PATH",
+        help="JSONL (.jsonl, .jsonl.gz) or text (.txt, .txt.gz) files, or directories of them",
+    )
     p.add_argument("--input-format", choices=INPUT_FORMATS, help="force the format instead of the file suffix")
     p.add_argument(
         "--text-split",

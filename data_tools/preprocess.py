@@ -31,7 +31,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 
 from data_tools.encode import EncodedBatch, Encoder, encode_in_worker, init_worker
-from data_tools.inputs import InputError, Record, add_format_args, iter_records, resolve_inputs
+from data_tools.inputs import InputError, Record, add_input_args, iter_records, resolve_inputs
 from data_tools.progress import Progress
 from data_tools.records import Skip, StrictError
 from stem_megatron.data.tokenizer import TOKENIZER_KINDS, TokenizerError, load_tokenizer
@@ -241,14 +241,6 @@ def format_summary(summary: PreprocessSummary) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0].split(": ", 1)[1])
-    p.add_argument(
-        "--input",
-        nargs="+",
-        action="extend",
-        required=True,
-        metavar="PATH",
-        help="JSONL (.jsonl, .jsonl.gz) or text (.txt, .txt.gz) files, or directories of them",
-    )
     p.add_argument("--output-prefix", required=True, metavar="P", help="writes P_{key}_document.bin/.idx")
     p.add_argument(
         "--tokenizer",
@@ -269,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--strict", action="store_true", help="fail on the first bad record instead of skipping it"
     )
-    add_format_args(p)
+    add_input_args(p)
     p.add_argument("--batch-size", type=int, default=256, help="records per worker task (default 256)")
     p.add_argument(
         "--max-warnings", type=int, default=20, help="skipped records listed one by one (default 20)"

@@ -17,7 +17,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
-from data_tools.inputs import InputError, add_format_args, iter_records, resolve_inputs
+from data_tools.inputs import InputError, add_input_args, iter_records, resolve_inputs
 from data_tools.records import Skip, StrictError, parse_record
 from stem_megatron.data.tokenizer import EOD_TOKEN
 
@@ -86,14 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="Train a byte-level BPE tokenizer and write tokenizer.json."
     )
     p.add_argument(
-        "--input",
-        nargs="+",
-        action="extend",
-        required=True,
-        metavar="PATH",
-        help="JSONL (.jsonl, .jsonl.gz) or text (.txt, .txt.gz) files, or directories of them",
-    )
-    p.add_argument(
         "--vocab-size", type=int, required=True, help=f"entries, special token included (>= {MIN_VOCAB})"
     )
     p.add_argument("--output", required=True, metavar="PATH", help="the tokenizer.json to write")
@@ -101,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json-keys", nargs="+", default=["text"], metavar="KEY", help="JSONL keys to read (default: text)"
     )
     p.add_argument("--min-frequency", type=int, default=2, help="least count for a merge (default 2)")
-    add_format_args(p)
+    add_input_args(p)
     p.add_argument(
         "--strict", action="store_true", help="fail on the first bad record instead of skipping it"
     )

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from stem_megatron.config import ExperimentConfig
 from stem_megatron.flops import flops_per_token
+from stem_megatron.stem.engine import table_grad_sq_norm
 from stem_megatron.training.batches import StepBatches
 from stem_megatron.training.lr_schedule import dense_schedule, table_schedule
 from stem_megatron.training.metrics import MetricsLogger
@@ -258,8 +259,6 @@ class Trainer:
         dense_norm = self.optimizer.get_grad_norm() or 0.0
         # Table gradients are sums over tokens; dense ones were scaled by 1/tokens in finalize.
         inv_tokens = 1.0 / max(tokens, 1)
-        from stem_megatron.stem.engine import table_grad_sq_norm
-
         table_sq = table_grad_sq_norm(self.engines).item() * inv_tokens**2
         grad_norm = math.sqrt(dense_norm**2 + table_sq)
         loss = loss_sum / max(tokens, 1)
