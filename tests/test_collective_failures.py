@@ -5,8 +5,8 @@
    lookup while the second stage waits in a pipeline receive (and the other DP rank in its STEM
    exchange) until the process-group timeout. Every rank must raise the same StemIndexError
    within seconds.
-2. A dense (megatron dist_checkpointing) save that fails on one rank (DP2): rank 0's `common.pt`
-   write, then rank 1's `.distcp` shard write, each with ENOSPC. Every rank must raise the same
+2. A dense (megatron dist_checkpointing) save that fails on one rank (TP2: both ranks write dense
+   shards): rank 0's `common.pt` write, then rank 1's `.distcp` shard write, each with ENOSPC. Every rank must raise the same
    one-line CheckpointError, `latest` must keep naming the previous checkpoint, no step directory
    appears, and the next save succeeds.
 """
@@ -75,7 +75,7 @@ def _failing_saves(rank, world_size, root):
     from stem_megatron.training.checkpoint import Checkpointer, CheckpointError
     from stem_megatron.training.trainer import Trainer
 
-    cfg = tiny_config(deterministic=True)
+    cfg = tiny_config(tp=2, deterministic=True)  # TP2: each rank writes its own dense shard
     trainer = Trainer(cfg)
     trainer.checkpointer = Checkpointer(CheckpointConfig(save=root))
     trainer.setup(datasets=(TokenDataset(64, cfg.model.seq_length, 60, seed=3), None))
