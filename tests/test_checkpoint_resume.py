@@ -1,7 +1,7 @@
 """Crash safety: runs killed with SIGKILL between checkpoints and in the middle of a save resume
 to exactly the per-step losses of an uninterrupted run (deterministic mode, checkpoints every 3
-steps). One rank keeps the three spawned runs cheap; multi-rank saves and loads are covered by
-tests/test_reshard.py.
+steps). World size 1 in three spawned runs (below), then DP2 / shard 2 and TP2 x PP2 (4 ranks)
+in two spawned runs each (end of the file).
 
 1. killed: the run SIGKILLs itself (and its process tree) after step 5: checkpoint 3 is the latest;
 2. killed_in_save: resumes from 3 and SIGKILLs itself inside the step-6 save, after every file is
