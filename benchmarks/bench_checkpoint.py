@@ -9,7 +9,7 @@ the trainer holds them. Timed, slowest rank, median of 3:
 - `files`: what stem_megatron saves: every rank streams its own rows (global ids + rows, one
   safetensors file per rank, no communication); loading at the same layout reads one file per
   rank; loading at another layout (G=1: one rank reads all rows; T=2: half the columns) reads
-  the rows it owns from every file through np.memmap (table_io.TableReader);
+  the rows it owns from every file through np.memmap (stem/table_io.TableReader);
 - `blocks`: the alternative: an all-to-all moves the round-robin rows to contiguous row blocks
   (vocabulary padded to a multiple of G), saved and loaded as ShardedTensors with megatron's
   dist_checkpointing (torch_dist); loading is the reverse all-to-all.
@@ -40,16 +40,19 @@ COMMAND = "python -m benchmarks.bench_checkpoint"
 
 def _engine_state(g, shard):
     """This rank's round-robin rows: global ids [R] and {kind: [R, L, F]} + step [R]."""
-    rows_R = torch.arange(g, -(-V // shard) * shard, shard)
+    from stem_megatron.stem.ownership import RowOwnership
+
+    rows_R = RowOwnership(V, shard).global_rows(g)
     gen = torch.Generator().manual_seed(g)
     data = {k: torch.randn(rows_R.numel(), len(LAYERS), F, generator=gen) for k in ("weight", "exp_avg", "exp_avg_sq")}
     return rows_R, data, torch.randint(0, 100, (rows_R.numel(),), generator=gen)
 
 
 def _save_files(root, g, shard, rows_R, data, step_R):
-    from stem_megatron.training.table_io import write_table_file
+    from stem_megatron.stem.ownership import RowOwnership
+    from stem_megatron.stem.table_io import write_table_file
 
-    n = int((rows_R < V).sum())
+    n = RowOwnership(V, shard).num_owned(g)
     tensors = [("rows", rows_R[:n])]
     for slot, layer in enumerate(LAYERS):
         tensors += [(f"layers.{layer}.{k}", data[k][:n, slot]) for k in data]
@@ -61,7 +64,7 @@ def _save_files(root, g, shard, rows_R, data, step_R):
 
 
 def _read(root, index, rows, col_start, cols):
-    from stem_megatron.training.table_io import TableReader, TableTarget
+    from stem_megatron.stem.table_io import TableReader, TableTarget
 
     reader = TableReader(root, index)
     for layer in LAYERS:
@@ -88,9 +91,11 @@ def _to_blocks(rows_R, t_RLF, g, shard):
 
 def _from_blocks(block_BLF, rows_R, g, shard):
     """The reverse all-to-all: contiguous block -> this rank's round-robin rows."""
+    from stem_megatron.stem.ownership import local_row, owner
+
     block = block_BLF.shape[0]
     ids_B = torch.arange(g * block, (g + 1) * block)
-    owner_B = ids_B % shard
+    owner_B = owner(ids_B, shard)
     order = torch.argsort(owner_B, stable=True)
     send = torch.bincount(owner_B, minlength=shard).tolist()
     recv_t = torch.empty(shard, dtype=torch.int64)
@@ -101,7 +106,7 @@ def _from_blocks(block_BLF, rows_R, g, shard):
     got = torch.empty(rows_R.numel(), *block_BLF.shape[1:])
     dist.all_to_all_single(got, block_BLF[order].contiguous(), recv, send)
     out = torch.empty_like(got)
-    out[got_ids // shard] = got
+    out[local_row(got_ids, shard)] = got
     return out
 
 

@@ -4,7 +4,7 @@ Reference names are Hugging Face Llama names (see reference.py). Megatron layout
 vocabulary-parallel embedding / output rows (padded vocabulary), `linear_qkv` grouped per query
 group `[q (heads/group * d) | k (d) | v (d)]` split by groups over TP, column-parallel gate
 (and up for dense SwiGLU, stored `[gate_shard | up_shard]` per TP rank), row-parallel `linear_proj`
-and `linear_fc2`, replicated norms. STEM tables go to the chunk's engine (rows by ownership,
+and `linear_fc2`, replicated norms. STEM tables go to the chunk's engine (rows by ownership, stem/ownership.py,
 columns by TP). The same mapping applied to gradients gives the expected local gradients.
 """
 
@@ -119,11 +119,7 @@ def load_reference_into_chunks(chunks, ref: dict[str, torch.Tensor], cfg: Experi
 
 def owned_rows(engine, full_VLf: torch.Tensor) -> torch.Tensor:
     """The rows of a full [V, L, f] tensor that `engine` owns, in its local order (padding rows zero)."""
-    rows = engine.global_rows().to(full_VLf.device)
-    valid = rows < full_VLf.shape[0]
-    out = full_VLf.new_zeros(rows.numel(), *full_VLf.shape[1:])
-    out[valid] = full_VLf[rows[valid]]
-    return out
+    return engine.layout.ownership.take_owned(full_VLf, engine.layout.shard_rank)
 
 
 @torch.no_grad()

@@ -96,7 +96,7 @@ def to_reference_names(dense: dict[str, torch.Tensor], cfg, tables: dict[int, to
 
 def full_tables(ckpt: str, meta: dict) -> dict[int, torch.Tensor]:
     """{layer: fp32 [vocab, ffn]} from the checkpoint's table files."""
-    from stem_megatron.training.table_io import TableReader, TableTarget
+    from stem_megatron.stem.table_io import TableReader, TableTarget
 
     index = meta["tables"]
     if index is None:
@@ -168,8 +168,8 @@ def export(ckpt_path: str, output: str, dtype: str = "float32", tokenizer: str |
     from safetensors.torch import save_file
 
     from stem_megatron.training import checkpoint_format as fmt
-    from stem_megatron.training.checkpoint import read_meta, saved_config
     from stem_megatron.training.checkpoint_format import CheckpointError
+    from stem_megatron.training.checkpoint_meta import read_meta, saved_config
 
     ckpt = fmt.resolve(ckpt_path)
     if ckpt is None:
@@ -214,8 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", help="tokenizer file/directory to ship instead of the checkpoint's copy")
     args = ap.parse_args(argv)
     from stem_megatron.data.tokenizer import TokenizerError
+    from stem_megatron.stem.table_io import TableFormatError
     from stem_megatron.training.checkpoint_format import CheckpointError
-    from stem_megatron.training.table_io import TableFormatError
 
     try:
         ckpt = export(args.checkpoint, args.output, args.dtype, args.tokenizer)

@@ -16,7 +16,8 @@ Dense weights and dense optimizer state are stored layout-independently (torch_d
 offsets; the distributed optimizer as `fully_reshardable`), so their files are copied as they
 are; what could stop a target from loading them (vocabulary padding that depends on TP, a switch
 between the plain and the distributed optimizer, fp32 <-> bf16) is checked here first.
-Output: `OUTPUT/step_N` and `OUTPUT/latest`, written under a temporary name, verified by a manifest.
+Output: `OUTPUT/step_N` and `OUTPUT/latest`, written under a temporary name, fsynced and verified by
+a manifest, published as the trainer publishes (checkpoint_format.seal_and_publish).
 Exit codes: 0 written, 2 bad arguments or layout, 4 checkpoint missing/corrupt/incompatible.
 """
 
@@ -59,8 +60,9 @@ def _copy_dense(src: str, dst: str) -> list[str]:
 
 def write_tables(reader, out_dir: str, tp: int, shard: int) -> list[dict]:
     """One table file per (TP rank, shard rank) of the target layout; returns the index entries."""
+    from stem_megatron.stem.ownership import RowOwnership
+    from stem_megatron.stem.table_io import LazyTensor, TableTarget, write_table_file
     from stem_megatron.training import checkpoint_format as fmt
-    from stem_megatron.training.table_io import LazyTensor, TableTarget, write_table_file
 
     vocab, ffn = reader.vocab_size, reader.ffn_hidden_size
     cols = ffn // tp
@@ -68,7 +70,7 @@ def write_tables(reader, out_dir: str, tp: int, shard: int) -> list[dict]:
     entries = []
     for t in range(tp):
         for g in range(shard):
-            rows = torch.arange(g, vocab, shard, dtype=torch.int64)  # round-robin ownership, padding dropped
+            rows = RowOwnership(vocab, shard).owned_ids(g)  # the target shard rank's rows, padding dropped
             target = TableTarget(rows, t * cols, cols)
             tensors = [("rows", rows)]
             for layer in reader.layers:
@@ -90,16 +92,16 @@ def write_tables(reader, out_dir: str, tp: int, shard: int) -> list[dict]:
 def reshard(input_path: str, output_root: str, world_size: int, overrides: list[str]) -> tuple[str, dict, dict]:
     """Write the resharded checkpoint; returns (its directory, source layout, target layout)."""
     from stem_megatron.config import ConfigError
+    from stem_megatron.stem.table_io import TableReader
     from stem_megatron.training import checkpoint_format as fmt
-    from stem_megatron.training.checkpoint import (
+    from stem_megatron.training.checkpoint_format import CheckpointError
+    from stem_megatron.training.checkpoint_meta import (
         RNG_LAYOUT_KEYS,
         check_compatible,
         layout_of,
         read_meta,
         saved_config,
     )
-    from stem_megatron.training.checkpoint_format import CheckpointError
-    from stem_megatron.training.table_io import TableReader
 
     src = fmt.resolve(input_path)
     if src is None:
@@ -133,8 +135,9 @@ def reshard(input_path: str, output_root: str, world_size: int, overrides: list[
     with open(os.path.join(tmp, fmt.CONFIG), "w") as f:
         f.write(cfg.to_yaml())
     fmt.write_json_atomic(os.path.join(tmp, fmt.META), new_meta)
-    fmt.write_manifest(tmp, meta["step"], fmt.describe_files(tmp, fmt.list_files(tmp)))
-    return fmt.publish(tmp, output_root, name), meta["layout"], layout
+    # Every file (describe_files) and directory fsynced, as the trainer's saves, before `latest` moves.
+    files = fmt.describe_files(tmp, fmt.list_files(tmp))
+    return fmt.seal_and_publish(tmp, output_root, name, meta["step"], files), meta["layout"], layout
 
 
 def main(argv=None) -> int:
@@ -145,8 +148,8 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="target layout: parallel.*=..., stem.shard_size=...")
     args = ap.parse_args(argv)
     from stem_megatron.config import ConfigError
+    from stem_megatron.stem.table_io import TableFormatError
     from stem_megatron.training.checkpoint_format import CheckpointError
-    from stem_megatron.training.table_io import TableFormatError
 
     t0 = time.perf_counter()
     try:

@@ -14,10 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from stem_megatron.testing.distributed import run_distributed
-from stem_megatron.training import checkpoint_format as fmt
-from stem_megatron.training.checkpoint_format import CheckpointError
-from stem_megatron.training.table_io import (
+from stem_megatron.stem.table_io import (
     KINDS,
     TableFile,
     TableFormatError,
@@ -25,6 +22,9 @@ from stem_megatron.training.table_io import (
     TableTarget,
     write_table_file,
 )
+from stem_megatron.testing.distributed import run_distributed
+from stem_megatron.training import checkpoint_format as fmt
+from stem_megatron.training.checkpoint_format import CheckpointError
 
 V, F, LAYERS = 37, 8, [1, 4]
 
@@ -178,12 +178,88 @@ def test_publish_latest_prune_and_stale_saves(tmp_path):
     assert fmt.resolve(root) == os.path.join(root, "step_00000009")
 
 
+def _publish_step(root, step, payload):
+    tmp = os.path.join(root, fmt.TMP_PREFIX + fmt.step_dir_name(step))
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "payload"), "w") as f:
+        f.write(payload)
+    fmt.write_manifest(tmp, step, fmt.describe_files(tmp, ["payload"]))
+    return fmt.publish(tmp, root, fmt.step_dir_name(step))
+
+
+def _payload(ckpt):
+    fmt.verify(ckpt)
+    with open(os.path.join(ckpt, "payload")) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("crash_at", ["second_rename", "pointer", "cleanup", None])
+def test_republishing_the_latest_step_never_loses_it(tmp_path, monkeypatch, crash_at):
+    """A save of the step `latest` already names (a run that went back to an earlier checkpoint)
+    replaces that checkpoint: a crash at any point leaves `latest` resolving to a complete one,
+    the old until the new is in place, and the next save's cleanup keeps it."""
+    root = str(tmp_path)
+    _publish_step(root, 3, "three")
+    _publish_step(root, 6, "old six")
+
+    class Crash(Exception):
+        pass
+
+    real_rename, real_write, real_rmtree = os.rename, fmt.write_text_atomic, fmt.shutil.rmtree
+
+    def rename(src, dst):
+        if crash_at == "second_rename" and os.path.basename(src).startswith(fmt.TMP_PREFIX):
+            raise Crash
+        return real_rename(src, dst)
+
+    def write_text_atomic(path, text):
+        if crash_at == "pointer" and os.path.basename(path) == fmt.LATEST:
+            raise Crash
+        return real_write(path, text)
+
+    def rmtree(path, *args, **kwargs):
+        if crash_at == "cleanup":
+            raise Crash
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(fmt.os, "rename", rename)
+    monkeypatch.setattr(fmt, "write_text_atomic", write_text_atomic)
+    monkeypatch.setattr(fmt.shutil, "rmtree", rmtree)
+    try:
+        _publish_step(root, 6, "new six")
+        crashed = False
+    except Crash:
+        crashed = True
+    monkeypatch.undo()
+    assert crashed == (crash_at is not None)
+    expect = "old six" if crash_at == "second_rename" else "new six"
+    assert _payload(fmt.resolve(root)) == expect, sorted(os.listdir(root))
+    fmt.clean_stale(root)  # what the next save does first
+    assert fmt.read_latest(root) == os.path.join(root, "step_00000006")
+    assert _payload(fmt.resolve(root)) == expect
+    assert sorted(os.listdir(root)) == ["latest", "step_00000003", "step_00000006"]
+
+
 def test_megatron_write_results_queue_hook_still_exists():
     """checkpoint.use_in_process_write_results replaces this module global (a spawned Manager's queue)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     source = inspect.getsource(filesystem_async._get_write_results_queue)
     assert "global _results_queue" in source and "if _results_queue is None" in source, source
+
+
+def test_megatron_rank_local_write_sites_still_exist():
+    """checkpoint_dense defers the failures of these rank-local writes inside dist_checkpointing.save."""
+    from megatron.core.dist_checkpointing import serialization
+    from megatron.core.dist_checkpointing.strategies import state_dict_saver
+
+    from stem_megatron.training.checkpoint_dense import rank_local_write_sites
+
+    for owner, name, _ in rank_local_write_sites():
+        assert callable(owner.__dict__.get(name)), (owner, name)
+    save_src = inspect.getsource(serialization.save)
+    assert "common_strategy.save_common(" in save_src and "save_config(" in save_src, save_src
+    assert "storage_writer.finish(" in inspect.getsource(state_dict_saver.save_state_dict_async_finalize)
 
 
 # ------------------------------------------------------------------------------------ a trainer refuses bad checkpoints

@@ -1,7 +1,8 @@
 """`stem-train` end to end (one CPU process, mock data, a tiny tiktoken tokenizer):
 
 - SIGTERM (and SIGUSR1) mid-run: the step finishes, a checkpoint is written, the process exits 0
-  with a message; the same command resumes and ends with exactly the uninterrupted run's loss;
+  with a message; the same command resumes and ends with exactly the uninterrupted run's loss,
+  and every step's logged loss (TensorBoard's float32 scalar) equals the uninterrupted run's;
 - a damaged checkpoint given with `--load`: exit code 4, one line naming the file, nothing saved.
 """
 
@@ -74,6 +75,15 @@ def _train(workdir, *args):
     return subprocess.run(_cmd(*args), cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
 
 
+def _logged_losses(log_dir):
+    """{step: train/loss} from every TensorBoard event file in `log_dir` (float32 values)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("train/loss")}
+
+
 def _summary(stdout):
     line = next(x for x in stdout.splitlines() if x.startswith("summary: "))
     return json.loads(line[len("summary: "):])
@@ -137,6 +147,13 @@ def _check_stop_and_resume(workdir, reference, sig, stopped_run):
     resumed = _summary(r.stdout)
     assert resumed["steps"] == STEPS and resumed["stopped_by"] is None
     assert resumed["last_loss"] == reference["last_loss"], (resumed["last_loss"], reference["last_loss"])
+    # Every step: the stopped run logged 1..step, the resumed one step+1..STEPS, into the same directory.
+    ref_losses = _logged_losses(reference["tensorboard"] if os.path.isabs(reference["tensorboard"])
+                                else workdir / reference["tensorboard"])
+    losses = _logged_losses(save / "tensorboard")
+    assert sorted(ref_losses) == sorted(losses) == list(range(1, STEPS + 1)), (sorted(ref_losses), sorted(losses))
+    for s in range(1, STEPS + 1):
+        assert losses[s] == ref_losses[s], f"step {s}: {losses[s]!r} after the stop/resume, {ref_losses[s]!r} uninterrupted"
     assert fmt.read_latest(str(save)) == str(save / fmt.step_dir_name(STEPS))
 
 

@@ -1,7 +1,7 @@
 """Crash safety: runs killed with SIGKILL between checkpoints and in the middle of a save resume
 to exactly the per-step losses of an uninterrupted run (deterministic mode, checkpoints every 3
-steps). One rank keeps the three spawned runs cheap; multi-rank saves and loads are covered by
-tests/test_reshard.py.
+steps). World size 1 in three spawned runs (below), then DP2 / shard 2 and TP2 x PP2 (4 ranks)
+in two spawned runs each (end of the file).
 
 1. killed: the run SIGKILLs itself (and its process tree) after step 5: checkpoint 3 is the latest;
 2. killed_in_save: resumes from 3 and SIGKILLs itself inside the step-6 save, after every file is
@@ -151,3 +151,87 @@ def test_resume_after_kills_matches_the_uninterrupted_losses(resumed, save_dir):
     # The resumed run's saves cleaned the killed save's leftovers and kept the last two checkpoints.
     assert sorted(os.listdir(save_dir)) == ["latest", "step_00000006", "step_00000008"]
     assert fmt.read_latest(save_dir) == os.path.join(save_dir, "step_00000008")
+
+
+# ------------------------------------------------------------------------------------ world size > 1
+# Every rank is SIGKILLed inside the step-6 save (its files are written, nothing is published), as
+# a scheduler kills a multi-rank job; the restarted job resumes from step 3. The uninterrupted
+# reference runs first in the killed world and leaves its losses in a file (the world dies).
+LAYOUTS = {"dp2_shard2": (2, dict(shard_size=2)), "tp2_pp2": (4, dict(tp=2, pp=2))}
+KILL_IN_SAVE = 6
+
+
+def _run_layout(rank, world_size, save, layout, phase, ref_file):
+    import json
+
+    from megatron.core import parallel_state
+
+    from stem_megatron.config import CheckpointConfig
+    from stem_megatron.testing.models import TokenDataset, reference_model, tiny_config
+    from stem_megatron.training.checkpoint import Checkpointer
+    from stem_megatron.training.trainer import Trainer
+
+    def trainer_for(save_dir):
+        cfg = tiny_config(deterministic=True, **LAYOUTS[layout][1])
+        cfg.train.lr, cfg.train.warmup_steps, cfg.train.train_steps = 3e-3, 2, STEPS
+        cfg.stem.lr = 1e-2
+        trainer = Trainer(cfg)
+        if save_dir:
+            trainer.checkpointer = Checkpointer(CheckpointConfig(save=save_dir, save_interval=INTERVAL, keep_last=2))
+        trainer.setup(datasets=(TokenDataset(64, cfg.model.seq_length, 60, seed=3), None))
+        if trainer.step == 0:
+            trainer.load_full_weights(reference_model(cfg, seed=0).state_dict())
+        return trainer
+
+    def train(trainer):
+        losses = {}
+        while trainer.step < STEPS:
+            r = trainer.train_step()
+            losses[r.step] = r.loss
+            if trainer.checkpointer is not None:
+                trainer.checkpointer.maybe_save(trainer)
+        return losses
+
+    if phase == "resumed":
+        trainer = trainer_for(save)
+        return trainer.checkpointer.loaded_step, train(trainer)
+
+    ref = train(trainer_for(None))
+    if rank == 0:
+        with open(ref_file, "w") as f:
+            json.dump({str(k): v.hex() for k, v in ref.items()}, f)  # hex: every bit of the float
+    parallel_state.destroy_model_parallel()
+
+    real_publish = Checkpointer._publish
+
+    def publish_or_die(self, tmp, root, name, step, files):
+        if step == KILL_IN_SAVE:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_publish(self, tmp, root, name, step, files)
+
+    Checkpointer._publish = publish_or_die
+    train(trainer_for(save))
+    raise AssertionError("the run was not killed")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_multi_rank_kill_during_save_resumes_every_step_bit_exactly(tmp_path, layout):
+    import json
+
+    world = LAYOUTS[layout][0]
+    save, ref_file = str(tmp_path / "ckpt"), str(tmp_path / "reference.json")
+    with pytest.raises(DistributedTestError, match=r"exited with code -9"):
+        run_distributed(_run_layout, world_size=world, args=(save, layout, "killed", ref_file), timeout=300)
+    assert fmt.read_latest(save) == os.path.join(save, "step_00000003")
+    assert os.path.isdir(os.path.join(save, fmt.TMP_PREFIX + "step_00000006")), sorted(os.listdir(save))
+    with open(ref_file) as f:
+        ref = {int(k): float.fromhex(v) for k, v in json.load(f).items()}
+    assert sorted(ref) == list(range(1, STEPS + 1))
+
+    results = run_distributed(_run_layout, world_size=world, args=(save, layout, "resumed", ref_file), timeout=300)
+    for rank, (start, losses) in enumerate(results):
+        assert start == 3, f"rank {rank} resumed at {start}, expected the last published checkpoint (3)"
+        assert sorted(losses) == list(range(4, STEPS + 1))
+        for step, loss in losses.items():
+            assert loss == ref[step], f"{layout} rank {rank} step {step}: resumed loss {loss!r} != uninterrupted {ref[step]!r}"
+    assert sorted(os.listdir(save)) == ["latest", "step_00000003", "step_00000006"], sorted(os.listdir(save))

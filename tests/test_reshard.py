@@ -218,3 +218,32 @@ def test_stem_reshard_rejects_bad_targets(runs, tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == code and text in err and err.count("\n") == 1, (extra, rc, err)
     assert not (tmp_path / "out" / "latest").exists()
+
+
+def test_stem_reshard_fsyncs_every_file_and_directory_it_publishes(runs, tmp_path, monkeypatch):
+    """As the trainer's saves: every file and every directory of the output (and the entries of
+    the output root) reach stable storage before `latest` names the checkpoint."""
+    import re
+
+    from stem_megatron import reshard
+
+    synced = set()
+    real_fsync = os.fsync
+
+    def fsync(fd):  # the path as named at that moment; atomic writes fsync `NAME.tmpPID`, then rename it
+        synced.add(re.sub(r"\.tmp\d+$", "", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "out"
+    ckpt, _, _ = reshard.reshard(str(runs["root"] / "src_plain"), str(out), 2,
+                                 ["parallel.tensor_model_parallel_size=1", "stem.shard_size=2"])
+    monkeypatch.undo()
+    tmp = str(out / (".tmp-" + os.path.basename(ckpt)))  # names the files had when they were synced
+    wanted = {str(out), str(out / "latest")}
+    for base, _, files in os.walk(ckpt):
+        rel = os.path.relpath(base, ckpt)
+        wanted.add(os.path.normpath(os.path.join(tmp, rel)))
+        wanted.update(os.path.normpath(os.path.join(tmp, rel, f)) for f in files)
+    missing = sorted(os.path.relpath(p, out) for p in wanted - synced)
+    assert not missing, f"stem-reshard did not fsync {missing}"

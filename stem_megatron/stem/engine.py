@@ -2,7 +2,7 @@
 
 One `StemTableEngine` holds the tables of all STEM layers of one model chunk together, as an fp32
 master `weight_RLF` [rows_local, L, F/tp]. Rows are sharded round-robin over the shard group
-(`owner = id % G`, `local = id // G`, vocabulary padded up to a multiple of G); columns are this
+(`owner = id % G`, `local = id // G`, vocabulary padded up to a multiple of G: ownership.py); columns are this
 tensor-parallel rank's slice of the ffn; shard groups that hold the same rows are replicas.
 The engine is a plain object, not an nn.Module: nothing of it enters DDP, megatron's optimizer
 or its grad clipping (see `table_grad_sq_norm` for the table share of the global norm).
@@ -36,6 +36,7 @@ from stem_megatron.stem.exchange import (
     owner_major,
     reduce_traffic,
 )
+from stem_megatron.stem.ownership import RowOwnership
 from stem_megatron.stem.segment import SegmentPlan, index_sum, unique_sum
 from stem_megatron.stem.table_init import default_init_std, fill_table_rows
 
@@ -65,6 +66,10 @@ class TableLayout:
     tp_rank: int
     col_start: int
     cols_local: int
+
+    @property
+    def ownership(self) -> RowOwnership:
+        return RowOwnership(self.vocab_size, self.shard_size)
 
 
 class _GatherSlot(torch.autograd.Function):
@@ -189,16 +194,16 @@ class StemTableEngine:
             if g > 1
             else [dist.get_rank() if dist.is_initialized() else 0]
         )
-        padded = -(-vocab_size // g) * g
+        own = RowOwnership(vocab_size, g)
         cols = ffn_hidden_size // tp_size
         self.layout = TableLayout(
             vocab_size=vocab_size,
-            padded_vocab_size=padded,
+            padded_vocab_size=own.padded_vocab_size,
             layer_ids=tuple(int(i) for i in layer_ids),
             ffn_hidden_size=ffn_hidden_size,
             shard_size=g,
             shard_rank=_group_rank(self.shard_group),
-            rows_local=padded // g,
+            rows_local=own.rows_local,
             tp_size=tp_size,
             tp_rank=tp_rank,
             col_start=tp_rank * cols,
@@ -242,8 +247,7 @@ class StemTableEngine:
 
     def global_rows(self) -> torch.Tensor:
         """[rows_local] global row id of each local row (ids >= vocab_size are padding)."""
-        lay = self.layout
-        return torch.arange(lay.rows_local, device=self.device) * lay.shard_size + lay.shard_rank
+        return self.layout.ownership.global_rows(self.layout.shard_rank, self.device)
 
     def mark_updated(self) -> None:
         """Called by every optimizer step (on every rank, rows touched or not) and by checkpoint loads."""
@@ -291,7 +295,7 @@ class StemTableEngine:
             req_R = torch.cat([lists[s][sum(uniq_GG[s][:me]) :][: uniq_GG[s][me]] for s in range(g)])
 
         # Owners gather; C3: rows back, arriving owner-major = in unique_U order.
-        served_RLF = self.weight.index_select(0, req_R // g).to(self.compute_dtype)
+        served_RLF = self.weight.index_select(0, lay.ownership.local_row(req_R)).to(self.compute_dtype)
         rows_ULF = served_RLF.new_empty((unique_U.numel(), *served_RLF.shape[1:]))
         work = dist.all_to_all_single(
             rows_ULF, served_RLF, send_G, recv_G, group=self.shard_group, async_op=True
@@ -366,7 +370,7 @@ class StemTableEngine:
                 grads_RLF = grads_KLF.new_empty((ids_R.numel(), *shape_LF))
                 dist.all_to_all_single(grads_RLF, grads_KLF, recv_G, send_G, group=self.shard_group)
                 # Owner-side accumulation; sources arrive in shard-rank order (fixed).
-                index_n, values_nLF = unique_sum(ids_R // g, grads_RLF, self.deterministic)
+                index_n, values_nLF = unique_sum(lay.ownership.local_row(ids_R), grads_RLF, self.deterministic)
             else:
                 count_GG = [[ids_K.numel()]]
                 index_n, values_nLF = ids_K, grads_KLF

@@ -1,6 +1,7 @@
 """The STEM shard-group exchange protocol: request routing, bad-id check, collectives, byte counts.
 
-Rows are owned round-robin over the shard group of size G: `owner = id % G`, `local = id // G`.
+Rows are owned round-robin over the shard group of size G: `owner = id % G`, `local = id // G`
+(ownership.py).
 A lookup on rank r (see engine.py for the storage side) runs, over the shard group:
 
 1. local: `unique_U, inverse_N = unique(ids_N)`; unique ids sorted by (owner, id) ("owner-major").
@@ -26,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from stem_megatron.stem.ownership import owner
+
 ID_BYTES = 8  # int64 ids on the wire
 META_FIXED = 2  # [n_bad, first_bad_id] ahead of the two per-owner count vectors
 ID_EXCHANGES = ("alltoall", "allgather")
@@ -37,7 +40,7 @@ class StemIndexError(ValueError):
 
 def owner_major(unique_U: torch.Tensor, shard_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(permutation putting sorted unique ids in (owner, id) order, unique ids per owner [G])."""
-    owner_U = unique_U % shard_size
+    owner_U = owner(unique_U, shard_size)
     perm_U = torch.sort(owner_U, stable=True).indices
     counts_G = torch.bincount(owner_U, minlength=shard_size)
     return perm_U, counts_G
@@ -62,7 +65,7 @@ def local_meta(
     rank_of_U = torch.empty_like(perm_U)
     rank_of_U[perm_U] = torch.arange(perm_U.numel(), device=perm_U.device)
     meta[META_FIXED : META_FIXED + shard_size] = uniq_per_owner_G
-    meta[META_FIXED + shard_size :] = torch.bincount(ids_N % shard_size, minlength=shard_size)
+    meta[META_FIXED + shard_size :] = torch.bincount(owner(ids_N, shard_size), minlength=shard_size)
     return meta, sorted_U[perm_U], rank_of_U[inverse_N], perm_U
 
 

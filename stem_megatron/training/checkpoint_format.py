@@ -6,16 +6,21 @@
         stem_checkpoint.json       step, data position, layouts, table index, versions
         config.yaml                the resolved experiment config
         metadata.json common.pt .metadata __*_*.distcp    megatron dist_checkpointing (torch_dist)
-        tables/rank*.safetensors   STEM tables + RowSparseAdamW state (table_io.py)
+        tables/rank*.safetensors   STEM tables + RowSparseAdamW state (stem/table_io.py)
         rng/rank*.pt               RNG states per rank
         tokenizer/                 a copy of data.tokenizer, when the config names one
     {save}/.tmp-step_00001300/     a save in progress (deleted by the next save)
+    {save}/.replaced-step_00001200/  a checkpoint being replaced by a new save of the same step
 
-A checkpoint is written into `.tmp-<name>`, its manifest is written, the directory is renamed to
-`<name>` (atomic on POSIX file systems), then `latest` is replaced. A run killed at any point
-leaves `latest` naming a complete, verified checkpoint; `latest` is the authority for "the newest
-checkpoint" (without one, the highest step directory is, see `resolve`). Loading checks every manifest entry (size, then sha256) before reading
-anything; a mismatch is a `CheckpointError` naming the file and what is wrong.
+A checkpoint is written into `.tmp-<name>`, every file and directory is fsynced, its manifest is
+written, the directory is renamed to `<name>` (atomic on POSIX file systems), then `latest` is
+replaced (`seal_and_publish`; the trainer and `stem-reshard` both publish through it). A run
+killed at any point leaves `latest` naming a complete, verified checkpoint; `latest` is the
+authority for "the newest checkpoint" (without one, the highest step directory is, see `resolve`).
+A save of a step that already has a directory (a run that went back to an earlier checkpoint)
+moves the old one aside to `.replaced-<name>` and deletes it only once the new one is in place:
+until then `latest` resolves to it. Loading checks every manifest entry (size, then sha256) before
+reading anything; a mismatch is a `CheckpointError` naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ RNG = "rng"
 TOKENIZER = "tokenizer"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".deleting-"
+REPLACED_PREFIX = ".replaced-"
 FORMAT = "stem-checkpoint"
 VERSION = 1
 _STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d+)$")
@@ -178,7 +184,11 @@ def verify(ckpt_dir: str, names: list[str] | None = None) -> dict:
 
 
 def read_latest(root: str) -> str | None:
-    """The checkpoint directory `root/latest` names, or None when there is no pointer."""
+    """The checkpoint directory `root/latest` names, or None when there is no pointer.
+
+    While a save of the same step is replacing that checkpoint, it is `.replaced-<name>` (a save
+    killed between its two renames leaves it there; the next save's `clean_stale` moves it back).
+    """
     path = os.path.join(root, LATEST)
     if not os.path.isfile(path):
         return None
@@ -186,10 +196,10 @@ def read_latest(root: str) -> str | None:
         name = f.read().strip()
     if step_of(name) is None:
         raise CheckpointError(f"{path}: names {name!r}, not a {STEP_PREFIX}N directory")
-    target = os.path.join(root, name)
-    if not os.path.isdir(target):
-        raise CheckpointError(f"{path}: names {name}, which does not exist")
-    return target
+    for target in (os.path.join(root, name), os.path.join(root, REPLACED_PREFIX + name)):
+        if os.path.isdir(target):
+            return target
+    raise CheckpointError(f"{path}: names {name}, which does not exist")
 
 
 def resolve(path: str) -> str | None:
@@ -215,7 +225,7 @@ def remove_tree(path: str) -> None:
     if not os.path.exists(path):
         return
     parent, name = os.path.split(os.path.abspath(path))
-    if not name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+    if not name.startswith((TMP_PREFIX, TRASH_PREFIX, REPLACED_PREFIX)):
         trash = os.path.join(parent, TRASH_PREFIX + name)
         shutil.rmtree(trash, ignore_errors=True)
         os.rename(path, trash)
@@ -224,22 +234,55 @@ def remove_tree(path: str) -> None:
 
 
 def clean_stale(root: str) -> list[str]:
-    """Remove leftovers of interrupted saves and deletions; returns their names."""
-    stale = sorted(n for n in os.listdir(root) if n.startswith((TMP_PREFIX, TRASH_PREFIX)))
-    for name in stale:
+    """Remove leftovers of interrupted saves and deletions; returns their names.
+
+    A `.replaced-<name>` whose replacement never arrived (the save died between its renames) is
+    moved back to `<name>`, not removed: `latest` may name it.
+    """
+    stale = []
+    for name in sorted(os.listdir(root)):
+        if name.startswith(REPLACED_PREFIX):
+            original = os.path.join(root, name[len(REPLACED_PREFIX):])
+            if not os.path.exists(original):
+                os.rename(os.path.join(root, name), original)
+                fsync_dir(root)
+                continue
+        elif not name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+            continue
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        stale.append(name)
     return stale
 
 
 def publish(tmp_dir: str, root: str, name: str) -> str:
-    """Rename a complete `tmp_dir` to `root/name` and point `latest` at it; returns the final path."""
+    """Rename a complete `tmp_dir` to `root/name` and point `latest` at it; returns the final path.
+
+    An existing `root/name` (a checkpoint of this step from before a rewind, which `latest` may
+    name) is moved aside first and deleted only after the new one is in place and named.
+    """
     final = os.path.join(root, name)
-    if os.path.exists(final):  # a checkpoint of this step from before a rewind: replace it
-        remove_tree(final)
+    replaced = None
+    if os.path.exists(final):
+        replaced = os.path.join(root, REPLACED_PREFIX + name)
+        remove_tree(replaced)  # a leftover of an earlier replacement of this step
+        os.rename(final, replaced)
     os.rename(tmp_dir, final)
     fsync_dir(root)
     write_text_atomic(os.path.join(root, LATEST), name + "\n")
+    if replaced is not None:
+        remove_tree(replaced)
     return final
+
+
+def seal_and_publish(tmp_dir: str, root: str, name: str, step: int, files: dict[str, dict]) -> str:
+    """Publish a fully written `tmp_dir`: fsync its directories, write its manifest, `publish`.
+
+    `files` is the manifest table of every file (`describe_files`, which fsyncs each file). The
+    one path by which the trainer and `stem-reshard` make a checkpoint visible.
+    """
+    fsync_dirs(tmp_dir)
+    write_manifest(tmp_dir, step, files)
+    return publish(tmp_dir, root, name)
 
 
 def prune(root: str, keep_last: int) -> list[str]:

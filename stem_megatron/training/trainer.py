@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from stem_megatron.config import ExperimentConfig
 from stem_megatron.flops import flops_per_token
-from stem_megatron.stem.engine import table_grad_sq_norm
+from stem_megatron.stem.engine import StemIndexError, table_grad_sq_norm
 from stem_megatron.training.batches import StepBatches
 from stem_megatron.training.lr_schedule import dense_schedule, table_schedule
 from stem_megatron.training.metrics import MetricsLogger
@@ -215,6 +215,28 @@ class Trainer:
         return train, valid
 
     # ------------------------------------------------------------------ one step
+    def _check_token_ids(self, batches) -> None:
+        """Raise the same StemIndexError on every rank if any rank's batch has an id outside the vocabulary.
+
+        A bad id otherwise fails only where it is looked up (the first stage's embedding or a STEM
+        exchange) while the other pipeline stages wait in a p2p receive until the process-group
+        timeout. One all-reduce of a [2, world] int64 tensor over the world, before the schedule.
+        Labels are checked where they count in the loss.
+        """
+        vocab, me = self.cfg.model.vocab_size, dist.get_rank()
+        ids = torch.cat([torch.cat([b["tokens"].flatten(), b["labels"][b["loss_mask"] > 0]]) for b in batches])
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        report = torch.zeros(2, dist.get_world_size(), dtype=torch.int64, device=self.device)
+        if bad.numel():
+            report[0, me], report[1, me] = bad.numel(), bad[0]
+        dist.all_reduce(report)
+        ranks = report[0].nonzero().flatten().tolist()
+        if ranks:
+            r = ranks[0]
+            more = f"; {len(ranks) - 1} other rank(s) also had bad ids" if len(ranks) > 1 else ""
+            raise StemIndexError(f"token id {int(report[1, r])} is outside the vocabulary [0, {vocab}) on global rank "
+                                 f"{r} ({int(report[0, r])} bad id(s) there){more}")
+
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
         out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
@@ -229,6 +251,7 @@ class Trainer:
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        self._check_token_ids(batches)
         model = self.model if len(self.model) > 1 else self.model[0]
         iters = [_Peekable(batches) for _ in self.model] if len(self.model) > 1 else _Peekable(batches)
         out = get_forward_backward_func()(

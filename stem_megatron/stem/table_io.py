@@ -1,7 +1,7 @@
 """STEM table shards on disk: one safetensors file per writer, rows addressed by global id.
 
-A table file holds the rows one rank owns (round-robin: global id = local * G + shard rank),
-for every STEM layer of that rank's model chunks and for one tensor-parallel column slice:
+A table file holds the rows one shard rank owns (round-robin, ownership.py), for every STEM layer
+of that rank's model chunks and for one tensor-parallel column slice:
 
     rows                   int64 [n]      global row ids, increasing (padding ids >= vocab dropped)
     layers.{i}.weight      fp32  [n, f]   table rows of global layer i, columns col_start.. +f
@@ -135,9 +135,8 @@ def engine_file_tensors(engine, state: dict) -> tuple[list[tuple[str, torch.Tens
     `state` is the engine's RowSparseAdamW state (exp_avg, exp_avg_sq, step).
     """
     lay = engine.layout
-    rows = engine.global_rows().cpu()
-    n = int((rows < lay.vocab_size).sum())  # global ids increase with the local index: a prefix
-    out = [("rows", rows[:n])]
+    n = lay.ownership.num_owned(lay.shard_rank)  # the real rows are a prefix of the local rows
+    out = [("rows", lay.ownership.owned_ids(lay.shard_rank))]
     for slot, layer in enumerate(lay.layer_ids):
         out.append((f"layers.{layer}.weight", engine.weight[:n, slot].cpu()))
         out.append((f"layers.{layer}.exp_avg", state["exp_avg"][:n, slot].cpu()))
