@@ -56,7 +56,7 @@ def per_document_logits(ref, tokens_S: torch.Tensor) -> torch.Tensor:
 def _check(rank, world_size, layout):
     import torch.nn.functional as F
 
-    from stem_megatron.testing.models import reference_model, tiny_config
+    from stem_megatron.testing.models import on_model_device, reference_model, tiny_config
     from stem_megatron.training.batches import collate
     from stem_megatron.training.trainer import Trainer
 
@@ -73,8 +73,8 @@ def _check(rank, world_size, layout):
         plain_BSV = ref(torch.stack([data[i]["tokens"] for i in range(len(data))]))
         # The model itself, fed like the trainer's forward step (TP1: full-vocabulary logits).
         if layout.get("tp", 1) == 1:
-            batch = collate([data[i] for i in range(len(data))])
-            got_BSV = trainer.chunks[0](batch["tokens"], batch["position_ids"], batch["attention_mask"])
+            batch = on_model_device(collate([data[i] for i in range(len(data))]), trainer.chunks[0])
+            got_BSV = trainer.chunks[0](batch["tokens"], batch["position_ids"], batch["attention_mask"]).cpu()
             err = ((got_BSV - want_BSV).norm() / want_BSV.norm()).item()
             if err > 1e-5:
                 failures.append(f"packed logits vs per-document reference: rel err {err:.2e}")
