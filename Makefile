@@ -4,8 +4,8 @@ PY := $(VENV)/bin/python
 NPROC ?= 2
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup test test-slow test-gpu lint bench bench-mlp bench-exchange bench-preprocess bench-train \
-        sample-data demo compare clean
+.PHONY: setup test test-slow test-gpu gpu-check lint bench bench-mlp bench-exchange bench-preprocess bench-train \
+        bench-step sample-data demo compare clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -29,6 +29,11 @@ test-slow: $(PY)
 test-gpu: $(PY)
 	$(PY) -m pytest -q -p no:cacheprovider -m gpu tests
 
+# Everything a lent GPU should show, < 8 minutes, one JSON line at the end; says so and exits 0
+# without CUDA. Uses .venv when there is one, else the machine's python3 (no venv is assumed).
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),python3) benchmarks/gpu_check.py $(ARGS)
+
 lint: $(PY)
 	$(VENV)/bin/ruff check stem_megatron data_tools tests benchmarks
 
@@ -48,6 +53,9 @@ bench-preprocess: $(PY) sample-data
 
 bench-train: $(PY) sample-data
 	$(PY) -m benchmarks.bench_train
+
+bench-step: $(PY)
+	$(PY) -m benchmarks.bench_step
 
 # The README's main job: a small STEM pretraining on real text (CPU by default).
 demo: setup sample-data

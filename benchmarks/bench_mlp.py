@@ -1,6 +1,6 @@
 """STEM MLP vs dense SwiGLU MLP: forward+backward time at the same shapes, beside the FLOP ratio.
 
-    python -m benchmarks.bench_mlp [--shapes 1b 350m] [--tokens 8192] [--reps 3]
+    python -m benchmarks.bench_mlp [--shapes 1b 350m] [--tokens 8192] [--reps 3] [--device D] [--dtype T]
 
 Both are the project's real megatron-core modules at TP=1 (megatron's `MLP` with SwiGLU, and
 `StemMLP` reading rows through a `StemLookup`, whose gather and fp32 row-gradient sum are timed
@@ -8,7 +8,8 @@ with it; the table exchange is measured by bench_exchange). Token ids follow a Z
 the vocabulary, like BPE text, so the number of unique rows is realistic; weights are random at
 megatron's init scale. Each variant is timed `--reps` times after one warm-up, alternating the two
 so machine noise hits both; the reported figure is the median. FLOP ratio (matmuls only):
-STEM 4*h*F / dense 6*h*F = 2/3. bf16 on a GPU, fp32 on CPU.
+STEM 4*h*F / dense 6*h*F = 2/3. By default bf16 on a GPU, fp32 on CPU (`--device`, `--dtype`
+choose; `make gpu-check` runs it with `--device cuda --dtype bf16`).
 """
 
 from __future__ import annotations
@@ -127,18 +128,23 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="+", default=["1b", "350m"], choices=list(SHAPES))
     ap.add_argument("--tokens", type=int, default=8 * 1024)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
+    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on cuda, else fp32")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = ap.parse_args(argv)
-    _init()
-    on_gpu = torch.cuda.is_available()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device on this machine")
+    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if on_gpu else "cpu")
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    dt = args.dtype if args.dtype != "auto" else ("bf16" if on_gpu else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt]
+    _init()
     results = [bench_shape(n, args.tokens, args.reps, device, dtype) for n in args.shapes]
-    dt = "bf16" if on_gpu else "fp32"
     lines = [
         "## STEM MLP vs dense SwiGLU MLP (forward + backward)",
         "",
-        f"Command: `python -m benchmarks.bench_mlp --tokens {args.tokens} --reps {args.reps}`  ",
+        f"Command: `python -m benchmarks.bench_mlp --tokens {args.tokens} --reps {args.reps} --device {device.type} "
+        f"--dtype {dt}`  ",
         f"Machine: {machine()}, {dt}, TP=1, megatron-core local modules; median of {args.reps} alternating runs.",
         "",
         "| shape | hidden | ffn | tokens | unique ids | dense ms | STEM ms | time ratio | FLOP ratio |",
@@ -154,7 +160,7 @@ def main(argv=None):
     if not args.no_write:
         write_section(f"mlp-{'gpu' if on_gpu else 'cpu'}", "\n".join(lines))
     print("\n".join(lines))
-    print_json_line({"benchmark": "mlp", "device": "gpu" if on_gpu else "cpu", "results": results})
+    print_json_line({"benchmark": "mlp", "device": "gpu" if on_gpu else "cpu", "dtype": dt, "results": results})
 
 
 if __name__ == "__main__":

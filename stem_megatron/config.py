@@ -241,7 +241,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None  # model chunks per pipeline rank
     sequence_parallel: bool = False  # shard norms/dropout activations over TP (needs TP > 1)
-    context_parallel_size: int = 1  # needs Transformer Engine
+    context_parallel_size: int = 1  # only 1 for now: > 1 is refused (see _check_parallel)
     use_distributed_optimizer: bool = False  # shard dense optimizer state over data parallel (ZeRO-1)
     overlap_grad_reduce: bool = False  # overlap the dense gradient reduce with the backward pass
 
@@ -565,17 +565,14 @@ class ExperimentConfig:
                 vpp,
                 f"pipeline x virtual pipeline size = {pp * vpp} must divide model.num_layers={m.num_layers}",
             )
-        if cp > 1 and m.transformer_impl == "local":
+        if cp > 1:
+            # Refused until implemented: the trainer does not slice each sequence over the CP ranks
+            # (megatron's load-balanced split, STEM ids per slice), so CP ranks would read different
+            # samples that ring attention then treats as one sequence: silently wrong training.
             _fail(
                 "parallel.context_parallel_size",
                 cp,
-                "> 1 needs model.transformer_impl auto or transformer_engine",
-            )
-        if cp > 1 and m.seq_length % (2 * cp):
-            _fail(
-                "model.seq_length",
-                m.seq_length,
-                f"must be divisible by 2 x parallel.context_parallel_size = {2 * cp}",
+                "> 1 is not supported yet (sequences are not split over context-parallel ranks); use 1",
             )
         if p.sequence_parallel and m.seq_length % tp:
             _fail(

@@ -175,8 +175,12 @@ class StemGPTModel(GPTModel):
     submodule: tables stay out of DDP, of `Float16Module`'s cast and of megatron's optimizer.
     """
 
-    def __init__(self, *args, engine_factory: Callable | None = None, **kwargs):
+    def __init__(self, *args, engine_factory: Callable | None = None, rope_from_position_ids: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        # megatron 0.16.1's GPTModel computes RoPE for positions 0..S-1 and ignores position_ids
+        # (they only feed learned absolute embeddings); document resets need RoPE at the given ids.
+        self.rope_from_position_ids = rope_from_position_ids
         self.stem_mlps: list[StemMLP] = [m for m in self.modules() if isinstance(m, StemMLP)]
         layer_ids = [m.layer_number - 1 for m in self.stem_mlps]
         self.stem_slot_of_layer = {layer: slot for slot, layer in enumerate(layer_ids)}
@@ -210,6 +214,18 @@ class StemGPTModel(GPTModel):
             self._prefetched.clear()
         return self.stem_engine.lookup(input_ids)
 
+    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+        out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+        emb_S11D = out[1]
+        if not self.rope_from_position_ids or emb_S11D is None or position_ids is None:
+            return out
+        # Per-token angles: row p of the table for positions 0..S-1 is position p's (S >= every id).
+        # [S, B, 1, D] broadcasts over heads in megatron's unfused rotary application (apply_rope_fusion
+        # is off); each sample then gets its own positions.
+        emb_SB1D = emb_S11D[:, 0].index_select(0, position_ids.t().reshape(-1))
+        emb_SB1D = emb_SB1D.view(position_ids.shape[1], position_ids.shape[0], *emb_S11D.shape[2:])
+        return (out[0], emb_SB1D, *out[2:])
+
     def _install(self, ctx: StemContext | None) -> None:
         for mlp in self.stem_mlps:
             mlp.stem_context = ctx
@@ -240,6 +256,11 @@ def build_model_chunks(cfg: ExperimentConfig, engine_factory: Callable | None = 
     """
     tcfg = transformer_config(cfg)
     use_te = use_transformer_engine(cfg)
+    if use_te and cfg.data.reset_attention_mask:
+        # TE's causal attention ignores an explicit mask; document masking would need packed (THD)
+        # sequences with cu_seqlens, which this trainer does not build.
+        raise ValueError("data.reset_attention_mask=true needs model.transformer_impl=local "
+                         "(the Transformer Engine attention would ignore the document mask)")
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     tp = cfg.parallel.tensor_model_parallel_size
     chunks = []
@@ -258,6 +279,7 @@ def build_model_chunks(cfg: ExperimentConfig, engine_factory: Callable | None = 
             rotary_base=cfg.model.rotary_base,
             vp_stage=vp_stage,
             engine_factory=engine_factory,
+            rope_from_position_ids=cfg.data.reset_position_ids,
         )
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from stem_megatron.testing.distributed import find_free_port
+from stem_megatron.testing.distributed import CPU_ONLY_ENV, find_free_port
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -64,6 +64,7 @@ def workdir(tmp_path_factory):
 def _env():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_"))}
     env.update(PYTHONPATH=str(REPO), MASTER_PORT=str(find_free_port()), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(CPU_ONLY_ENV)  # the CLI's CPU behaviour (gloo, fp32, bitwise resume), also on GPU machines
     return env
 
 

@@ -16,6 +16,7 @@ RTOL = 1e-5
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().cpu(), b.detach().cpu()  # the megatron side is on CUDA when run by test_gpu.py
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
@@ -90,7 +91,7 @@ def _check_layout(rank, world_size, layout):
             engine.reduce_grads()
             layer_ids = sorted(chunk.stem_slot_of_layer, key=chunk.stem_slot_of_layer.get)
             want_local = owned_rows(engine, reference_tables(ref_grads, layer_ids, info.tp_rank, info.tp_size))
-            got_local = torch.zeros_like(engine.weight)
+            got_local = torch.zeros_like(engine.weight)  # on the engine's device, like grad_index
             got_local[engine.grad_index] = engine.grad_values
             # megatron's per-token loss sum is divided by tokens * micro-batches in the schedule
             # for dense grads; the engine's row grads are raw sums of the same scaled loss.

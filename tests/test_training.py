@@ -94,9 +94,15 @@ def test_nonfinite_step_is_skipped_then_training_continues():
     assert all(o[0] == o[0] for i, o in enumerate(poisoned) if i != 1), "non-skipped losses must be finite"
 
 
-def test_nonfinite_abort_after_the_allowed_skips():
-    out = run_distributed(_train, world_size=1, args=({}, 4, (0, 1, 2), 1), timeout=300)[0]
-    assert out[-1][0] == "abort" and "consecutive" in out[-1][1], out
+def test_nonfinite_abort_after_exactly_k_consecutive_skips():
+    """K = train.max_skipped_steps = 2. Step 1 is poisoned alone (skipped; the good step 2 resets the
+    count), then steps 3, 4, 5, ... are: exactly K = 2 more skipped steps, then the abort at step 5."""
+    k = 2
+    out = run_distributed(_train, world_size=1, args=({}, 7, (0, 2, 3, 4, 5, 6), k), timeout=300)[0]
+    assert [o[2] for o in out[:-1]] == [True, False, True, True], out
+    assert out[-1][0] == "abort", out
+    assert out[-1][1].startswith(f"{k + 1} consecutive steps") and f"max_skipped_steps={k})" in out[-1][1], out
+    assert out[3][3] == out[1][3], "a skipped step changed the weights"
 
 
 def _train_precision(rank, world_size, precision):

@@ -9,7 +9,7 @@ or its grad clipping (see `table_grad_sq_norm` for the table share of the global
 
 Step protocol (one exchange per micro-batch for all L layers, one reduction per step):
   lk = engine.lookup(ids)          # or h = engine.prefetch(ids); ...; lk = h.wait()
-  y = lk.gather(slot)              # per-token rows of one layer; backward fills lk.rows.grad
+  y = lk.gather(slot)              # per-token rows of one layer; backward adds fp32 sums to lk's grad
   ... more micro-batches, backward ...
   engine.reduce_grads()            # -> engine.grad_index, engine.grad_values
   optimizer.step(lr=...)           # optimizer.py, touched rows only
@@ -73,27 +73,30 @@ class TableLayout:
 
 
 class _GatherSlot(torch.autograd.Function):
-    """rows_ULF[:, slot][inverse_N] with an fp32 (and, if asked, ordered) token-to-row gradient sum."""
+    """rows_ULF[:, slot][inverse_N] with an fp32 (and, if asked, ordered) token-to-row gradient sum.
+
+    The backward adds the fp32 per-row sums into the lookup's own fp32 accumulator and returns no
+    gradient for `rows`: handing them to autograd would round them to the compute dtype (bf16) once
+    per micro-batch before the engine's fp32 fold, where dense gradients stay fp32 throughout.
+    """
 
     @staticmethod
     def forward(ctx, rows_ULF, slot, inverse_N, lookup, inverse):
         ctx.save_for_backward(inverse_N)
         ctx.slot, ctx.lookup, ctx.inverse = slot, lookup, inverse
-        ctx.shape, ctx.dtype = rows_ULF.shape, rows_ULF.dtype
         return rows_ULF[:, slot].index_select(0, inverse_N)
 
     @staticmethod
     def backward(ctx, grad_NF):
         (inverse_N,) = ctx.saved_tensors
-        n_unique, n_layers, n_cols = ctx.shape
+        n_unique = ctx.lookup.rows.shape[0]
         plan = ctx.lookup._plan(ctx.inverse)
         if plan is None:
             grad_UF = index_sum(inverse_N, grad_NF.float(), n_unique, deterministic=False)
         else:
             grad_UF = plan.index_sum(grad_NF.float(), n_unique)
-        grad_ULF = grad_NF.new_zeros((n_unique, n_layers, n_cols), dtype=ctx.dtype)
-        grad_ULF[:, ctx.slot] = grad_UF.to(ctx.dtype)
-        return grad_ULF, None, None, None, None
+        ctx.lookup._add_grad(ctx.slot, grad_UF)
+        return None, None, None, None, None
 
 
 class StemLookup:
@@ -103,6 +106,8 @@ class StemLookup:
     inverse: int64 of the ids' shape; per-token rows of slot l are rows[:, l][inverse].
     unique_ids: [U] global ids in owner-major order (by id % G, then increasing id).
     stats: this lookup's byte and load counters (see exchange.lookup_traffic).
+    Gradients: `gather`'s backward adds fp32 row sums into an fp32 [U, L, F] accumulator owned by
+    the lookup; other uses of `rows` (plain indexing) land in `rows.grad`. `take_grad` sums both.
     """
 
     def __init__(self, rows_ULF, inverse, unique_ids_U, stats, deterministic):
@@ -112,6 +117,21 @@ class StemLookup:
         self.stats = stats
         self._deterministic = deterministic
         self._segment_plans: list[tuple[torch.Tensor, SegmentPlan]] = []
+        self._grad_ULF: torch.Tensor | None = None  # fp32, allocated by the first gather backward
+
+    def _add_grad(self, slot: int, grad_UF: torch.Tensor) -> None:
+        if self._grad_ULF is None:
+            self._grad_ULF = torch.zeros(self.rows.shape, dtype=torch.float32, device=grad_UF.device)
+        self._grad_ULF[:, slot] += grad_UF
+
+    def take_grad(self) -> torch.Tensor | None:
+        """This lookup's row gradient, fp32 [U, L, F] (None if no backward reached it); clears it."""
+        grad_ULF, self._grad_ULF = self._grad_ULF, None
+        if self.rows.grad is not None:
+            extra_ULF = self.rows.grad.float()
+            grad_ULF = extra_ULF if grad_ULF is None else grad_ULF + extra_ULF
+            self.rows.grad = None
+        return grad_ULF
 
     def _plan(self, inverse: torch.Tensor) -> SegmentPlan | None:
         """The ordered token-to-row summation schedule (deterministic engines), built once per inverse."""
@@ -341,7 +361,7 @@ class StemTableEngine:
 
     # ----------------------------------------------------------------- backward reduction
     def reduce_grads(self) -> None:
-        """Sum every pending lookup's rows.grad into owner-side sparse row gradients.
+        """Sum every pending lookup's fp32 row gradient into owner-side sparse row gradients.
 
         Collective over the shard group and then the replica group. Result: `grad_index` (sorted
         local rows touched anywhere in the replica x shard group, int64) and `grad_values`
@@ -404,10 +424,12 @@ class StemTableEngine:
         """
         done, self._pending = self._pending[:n], self._pending[n:]
         with torch.no_grad():
-            keys = [lk.unique_ids for lk in done if lk.rows.grad is not None]
-            vals = [lk.rows.grad.float() for lk in done if lk.rows.grad is not None]
+            keys, vals = [], []
             for lk in done:
-                lk.rows.grad = None
+                grad_ULF = lk.take_grad()  # fp32 sums: no rounding to the compute dtype on the way
+                if grad_ULF is not None:
+                    keys.append(lk.unique_ids)
+                    vals.append(grad_ULF)
             if not keys:
                 return
             if self._folded is not None:

@@ -29,8 +29,8 @@ class StemContext:
     """The rows of one micro-batch for every STEM layer of a model chunk.
 
     lookup: the chunk engine's `StemLookup` for this micro-batch's ids `[b, s]` (leaf rows
-    `[U, L, f]`: gradients from every layer, and from activation recompute, accumulate into
-    `lookup.rows.grad`, reduced once per step by the engine);
+    `[U, L, f]`: gradients from every layer, and from activation recompute, accumulate in fp32
+    in the lookup (`lookup.take_grad()`), reduced once per step by the engine);
     slot_of_layer: global 0-based layer index -> slot in L.
     """
 

@@ -9,10 +9,15 @@ Usage (the function must be importable at module level so spawned children can u
 
 A failure on any rank raises `DistributedTestError` listing every failing rank's traceback; a
 rank that hangs past `timeout` is killed and reported, so a test never blocks CI.
+
+Devices: gloo ranks are CPU ranks, on machines with GPUs too (CUDA is hidden from them): gloo
+moves CUDA tensors only for all_reduce and broadcast (no send/recv, no all-to-all), and ranks
+cannot share one GPU under NCCL. `backend="nccl"` gives each rank its own GPU (rank % count).
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import socket
@@ -24,6 +29,24 @@ from typing import Any
 
 class DistributedTestError(AssertionError):
     """One or more ranks failed or timed out."""
+
+
+# Environment that keeps a process (and its children) off the GPUs: for tests of CPU behaviour.
+CPU_ONLY_ENV = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def find_free_port() -> int:
@@ -70,7 +93,7 @@ def run_distributed(
     env: dict[str, str] | None = None,
     backend: str = "gloo",
 ) -> list[Any]:
-    """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` spawned ranks (gloo, or nccl on GPUs).
+    """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` spawned ranks (gloo on CPUs, or nccl on GPUs).
 
     Returns the per-rank return values (they must be picklable). Raises DistributedTestError
     naming every rank that raised or did not finish within `timeout` seconds.
@@ -79,6 +102,8 @@ def run_distributed(
     queue = ctx.Queue()
     port = find_free_port()
     child_env = {"STEM_TEST_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    if backend == "gloo":
+        child_env.update(CPU_ONLY_ENV)
     child_env.update(env or {})
     procs = [
         ctx.Process(
@@ -88,8 +113,11 @@ def run_distributed(
         )
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    # Spawned children take the parent's environment at start: set it there, so that CUDA is hidden
+    # even from torch calls made while the children import the test module (before _worker runs).
+    with _environ(child_env):
+        for p in procs:
+            p.start()
     results: dict[int, tuple[str, Any]] = {}
     import queue as queue_mod
     import time

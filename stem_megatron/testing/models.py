@@ -3,7 +3,8 @@
 `reference_model(cfg, seed)` builds the plain-PyTorch reference with deterministic random weights;
 `forward_backward(chunks, cfg, batches)` runs megatron's pipeline schedule (no pipelining, 1F1B or
 interleaved, whichever the layout selects) over micro-batches and returns the mean loss on the last
-stage; `gather_logits` collects full-vocabulary logits.
+stage; `pipeline_logits` collects full-vocabulary logits. Both move each micro-batch to the model's
+device (batches are made on the CPU; the model is on CUDA when the ranks have GPUs).
 """
 
 from __future__ import annotations
@@ -130,6 +131,12 @@ class TokenDataset:
                 "position_ids": torch.arange(self.seq)}
 
 
+def on_model_device(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """`batch` moved to the device of `model`'s parameters (a CUDA model needs CUDA ids and masks)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def _loss_func(loss_mask, output_tensor):
     losses = output_tensor.float()
     loss_sum = (losses * loss_mask).sum()
@@ -138,7 +145,7 @@ def _loss_func(loss_mask, output_tensor):
 
 
 def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    batch = on_model_device(next(data_iterator), model)
     out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return out, functools.partial(_loss_func, batch["loss_mask"])
 
@@ -172,7 +179,7 @@ def forward_backward(chunks, cfg: ExperimentConfig, batches, forward_only: bool 
 def _logits_step(data_iterator, model):
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-    batch = next(data_iterator)
+    batch = on_model_device(next(data_iterator), model)
     out = model(batch["tokens"], batch["position_ids"], None)
 
     def collect(output_tensor, non_loss_data=True):

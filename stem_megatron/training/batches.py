@@ -16,8 +16,10 @@ KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
 def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack items into [b, s] tensors; `attention_mask` (bool [b, 1, s, s], True = masked) too when
+    the dataset makes one (`data.reset_attention_mask`: no attention across documents)."""
     out = {}
-    for key in KEYS:
+    for key in KEYS + (("attention_mask",) if "attention_mask" in items[0] else ()):
         out[key] = torch.stack([torch.as_tensor(it[key]) for it in items])
     out["tokens"] = out["tokens"].long()
     out["labels"] = out["labels"].long()

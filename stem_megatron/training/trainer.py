@@ -210,7 +210,8 @@ class Trainer:
         train, valid, _ = build_gpt_datasets(
             cfg.data, seq_length=cfg.model.seq_length, seed=t.seed,
             train_samples=t.train_steps * t.global_batch_size, valid_samples=n_eval, test_samples=0,
-            tokenizer=tokenizer, create_attention_mask=False,
+            # The mask is only needed for document resets; otherwise attention builds its causal mask.
+            tokenizer=tokenizer, create_attention_mask=cfg.data.reset_attention_mask,
         )
         return train, valid
 
@@ -239,7 +240,9 @@ class Trainer:
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        # position_ids reach RoPE only with data.reset_position_ids (model.StemGPTModel._preprocess);
+        # attention_mask is in the batch only with data.reset_attention_mask.
+        out = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
         upcoming = data_iterator.peek()
         if upcoming is not None and self.cfg.stem.prefetch:
             _unwrap(model).prefetch_stem(upcoming["tokens"])
