@@ -433,7 +433,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes
     eod_mask_loss: bool = False  # no loss on end-of-document tokens
     reset_position_ids: bool = False  # positions restart after each end-of-document token
-    reset_attention_mask: bool = False  # no attention across end-of-document tokens
+    reset_attention_mask: bool = False  # no attention across end-of-document tokens (local spec only)
 
     def __post_init__(self) -> None:
         _check_types(self, "data")
@@ -535,6 +535,10 @@ class ExperimentConfig:
         _check_types(self, "")
         self._check_parallel()
         self._check_stem()
+        if self.data.reset_attention_mask and self.model.transformer_impl == "transformer_engine":
+            # TE's causal attention ignores an explicit mask (the local spec applies it; see model.py).
+            _fail("data.reset_attention_mask", True, "needs model.transformer_impl local or auto without "
+                  "Transformer Engine (TE attention would ignore the document mask)")
         layers_per_stage = self.model.num_layers // self.parallel.pipeline_model_parallel_size
         layers_per_stage //= self.parallel.virtual_pipeline_model_parallel_size or 1
         n = self.train.recompute_num_layers

@@ -113,6 +113,11 @@ BAD = [
         "is not supported yet",
     ),
     (["parallel.context_parallel_size=0"], "parallel.context_parallel_size=0", "must be positive"),
+    (
+        ["data.reset_attention_mask=true", "model.transformer_impl=transformer_engine"],
+        "data.reset_attention_mask=true",
+        "TE attention would ignore the document mask",
+    ),
     (["stem.ratio=quarter"], 'stem.ratio="quarter"', "one of one_third, half, all"),
     (["stem.ratio=half", "stem.layers=[1]"], "stem.layers=[1]", "mutually exclusive with stem.ratio"),
     (["stem.layers=[1, 1]"], "stem.layers=[1, 1]", "unique"),
