@@ -150,7 +150,8 @@ class Generator:
         for k, a in enumerate(starts):
             e = a + self.chunk_size
             upcoming = self._fetch(ids_bP[:, e:e + self.chunk_size]) if k + 1 < len(starts) else None
-            logits_bsv = self.model(ids_bP[:, a:e], pos_bP[:, a:e], real_bP[:, a:e], cache, self._rows(pending))
+            head = "all" if keep_all else ("last" if k + 1 == len(starts) else "none")
+            logits_bsv = self.model(ids_bP[:, a:e], pos_bP[:, a:e], real_bP[:, a:e], cache, self._rows(pending), head)
             if keep_all:
                 kept.append(logits_bsv)
             pending = upcoming

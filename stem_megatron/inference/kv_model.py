@@ -75,7 +75,11 @@ class KVModel(nn.Module):
         out_bsh = (probs @ v_bnSd).transpose(1, 2).reshape(b, s, -1)
         return attn.o_proj(out_bsh)
 
-    def forward(self, ids_bs, pos_bs, real_bs, cache: KVCache, rows_bsLF=None) -> torch.Tensor:
+    def forward(self, ids_bs, pos_bs, real_bs, cache: KVCache, rows_bsLF=None, head: str = "all"):
+        """Logits [b, s, v] (`head="all"`), of the last position only [b, 1, v] ("last"), or None ("none").
+
+        The output layer dominates a small model's prefill (v >> h): chunks whose logits nobody reads skip it.
+        """
         b, s = ids_bs.shape
         start = cache.length
         if start + s > cache.capacity:
@@ -100,6 +104,8 @@ class KVModel(nn.Module):
                 h_bsh = mlp(h_bsh, ids_bs)
             x_bsh = x_bsh + h_bsh
         cache.length = start + s
-        x_bsh = ref.model.norm(x_bsh)
+        if head == "none":
+            return None
+        x_bsh = ref.model.norm(x_bsh if head == "all" else x_bsh[:, -1:])
         head = ref.model.embed_tokens.weight if ref.lm_head is None else ref.lm_head.weight
         return x_bsh @ head.t()

@@ -8,7 +8,7 @@ For each context length and depth, `trials` prompts are built (`build_prompt`):
   starts at another offset of it;
 - needle: " The passkey is 48213. Remember it. 48213 is the passkey." (a random 5-digit key per
   trial); question: " What is the passkey? The passkey is";
-- the haystack part is cut so that prompt + answer fits the length exactly.
+- the haystack part is cut so that prompt + answer + 2 generated tokens fill the length exactly.
 
 The model answers greedily (answer tokens + 2 new tokens); a trial is correct when the key's digits
 appear in its answer. `answer_nll` is the mean negative log-likelihood (nats per token) of the
@@ -35,6 +35,7 @@ import torch
 NEEDLE = " The passkey is {key}. Remember it. {key} is the passkey."
 QUESTION = " What is the passkey? The passkey is"
 ANSWER = " {key}"
+EXTRA_TOKENS = 2  # generated beyond the answer's length (room for a different tokenization of the key)
 
 
 @dataclass
@@ -52,17 +53,17 @@ def min_length(tokenizer) -> int:
     """The shortest length that fits needle, question, answer and 16 haystack tokens."""
     key = "00000"
     return (len(tokenizer.encode(NEEDLE.format(key=key))) + len(tokenizer.encode(QUESTION))
-            + len(tokenizer.encode(ANSWER.format(key=key))) + 16)
+            + len(tokenizer.encode(ANSWER.format(key=key))) + EXTRA_TOKENS + 16)
 
 
 def build_prompt(tokenizer, haystack: list[int], length: int, depth: float, key: str, offset: int = 0) -> NeedlePrompt:
-    """The prompt of one trial: prompt + answer tokens fill `length` (when the answer has its usual size)."""
+    """The prompt of one trial: prompt + answer + EXTRA_TOKENS fill `length`."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     needle = tokenizer.encode(NEEDLE.format(key=key))
     question = tokenizer.encode(QUESTION)
     answer = tokenizer.encode(ANSWER.format(key=key))
-    n_hay = length - len(needle) - len(question) - len(answer)
+    n_hay = length - len(needle) - len(question) - len(answer) - EXTRA_TOKENS
     if n_hay < 1:
         raise ValueError(f"length {length} is too short for the needle and question ({length - n_hay + 1} tokens)")
     if n_hay > len(haystack):
@@ -111,7 +112,7 @@ def run_niah(generator, tokenizer, haystack: list[int], lengths: list[int], dept
         for i, depth in enumerate(depths):
             prompts = [build_prompt(tokenizer, haystack, length, depth, f"{rng.randrange(10**5):05d}",
                                     offset=rng.randrange(1 << 30)) for _ in range(trials)]
-            out = generator.generate([p.ids for p in prompts], max(len(p.answer) for p in prompts) + 2)
+            out = generator.generate([p.ids for p in prompts], min(len(p.answer) + EXTRA_TOKENS for p in prompts))
             answers = [tokenizer.decode(t) for t in out.tokens]
             correct = [p.key in a for p, a in zip(prompts, answers)]
             full = [p.ids + p.answer for p in prompts]
@@ -128,7 +129,7 @@ def run_niah(generator, tokenizer, haystack: list[int], lengths: list[int], dept
             nll[i][j] = sum(cell_nll) / trials
             cells.append({"length": length, "depth": depth, "accuracy": acc[i][j], "answer_nll": nll[i][j],
                           "trials": [{"key": p.key, "answer": a, "correct": c, "needle_start": p.needle_start,
-                                      "depth": p.depth, "prompt_tokens": len(p.ids)}
+                                      "depth": p.depth, "haystack_tokens": p.haystack_len, "prompt_tokens": len(p.ids)}
                                      for p, a, c in zip(prompts, answers, correct)]})
             if progress is not None:
                 progress.update(1)

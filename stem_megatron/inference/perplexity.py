@@ -61,8 +61,12 @@ class ReferenceScorer:
     def score(self, batches: list[dict]) -> tuple[float, float]:
         loss_sum, tokens = 0.0, 0.0
         for batch in batches:
-            mask_bs = batch["loss_mask"].to(self.device)
-            losses_bs = self.model.loss(batch["tokens"].to(self.device), batch["labels"].to(self.device))
+            scored_s = batch["loss_mask"].any(0).nonzero()
+            if not len(scored_s):
+                continue
+            n = int(scored_s.max()) + 1  # trailing padding columns: a causal model's outputs before them are the same
+            mask_bs = batch["loss_mask"][:, :n].to(self.device)
+            losses_bs = self.model.loss(batch["tokens"][:, :n].to(self.device), batch["labels"][:, :n].to(self.device))
             loss_sum += (losses_bs.double() * mask_bs).sum().item()
             tokens += mask_bs.sum().item()
         return loss_sum, tokens
