@@ -99,6 +99,10 @@ def main(argv=None):
         lines.append(f"| {t} | {med[t]['prefill_tokens_per_s']:,.0f} | {med[t]['decode_tokens_per_s']:,.1f} | "
                      + ", ".join(f"{o['prefill_tokens_per_s']:,.0f} / {o['decode_tokens_per_s']:,.1f}" for o in rs)
                      + " |")
+    lines += ["", "On a CPU the device is host memory too: host tables cost the HostRowStore path (worker thread, "
+              "cache bookkeeping), not a PCIe copy, so the two rows should be about equal; their spread across runs "
+              "is this shared machine's load (compare medians). On a GPU the host row shows the cost of copying "
+              "rows over PCIe with prefill chunk i+1's copy overlapping chunk i's compute."]
     lines += ["", f"Host row cache (last run): {host['row_hits']} hits, {host['row_misses']} misses "
               f"(hit rate {host['hit_rate']:.2f}), {host['bytes_to_device'] / 2**20:.1f} MiB gathered through HostRowStore."]
     if not args.no_write:

@@ -1,5 +1,5 @@
-"""stem-eval ppl: a TP=2 checkpoint, the same checkpoint at TP=1 / DP=2 (torchrun-style, gloo), in
-one process, and its export give the same loss (fp32, 1e-5); bits per byte equals a hand
+"""stem-eval ppl: a TP=2 checkpoint, the same checkpoint at TP=1 / DP=2 and at PP=2 (torchrun-style,
+gloo), in one process, and its export give the same loss (fp32, 1e-5); bits per byte equals a hand
 computation; the sliding window scores every token exactly once; bad input is one line + exit code.
 """
 
@@ -59,7 +59,8 @@ def _train_save_and_score(rank, world_size, root, tokenizer, data):
     trainer.metrics.close()
     parallel_state.destroy_model_parallel()
     out = {}
-    for name, overrides in (("tp2", ["parallel.tensor_model_parallel_size=2"]), ("tp1_dp2", [])):
+    for name, overrides in (("tp2", ["parallel.tensor_model_parallel_size=2"]), ("tp1_dp2", []),
+                            ("pp2", ["parallel.pipeline_model_parallel_size=2"])):
         out[name] = run_ppl(_eval_args(os.path.join(root, "ckpt"), data, *overrides))
     return out
 
@@ -82,16 +83,17 @@ def test_checkpoint_at_tp2_tp1_in_one_process_and_export_agree(scored):
     from stem_megatron.inference.eval_cli import run_ppl
 
     root, data, out = scored
-    tp2, tp1 = out[0]["tp2"], out[0]["tp1_dp2"]
+    tp2, tp1, pp2 = out[0]["tp2"], out[0]["tp1_dp2"], out[0]["pp2"]
     drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
     assert drop(out[1]["tp2"]) == drop(tp2)  # every rank reports the same result
     assert tp2["layout"] == {"world_size": 2, "tp": 2, "pp": 1, "dp": 1}
     assert tp1["layout"] == {"world_size": 2, "tp": 1, "pp": 1, "dp": 2}
+    assert pp2["layout"] == {"world_size": 2, "tp": 1, "pp": 2, "dp": 1}
     alone = run_ppl(_eval_args(str(root / "ckpt"), data))  # no torchrun: one process, TP=1
     assert export_main(["--checkpoint", str(root / "ckpt"), "--output", str(root / "hf")]) == 0
     exported = run_ppl(_eval_args(str(root / "hf"), data, "--device", "cpu"))
     assert exported["kind"] == "export" and alone["kind"] == "checkpoint"
-    for other in (tp1, alone, exported):
+    for other in (tp1, pp2, alone, exported):
         assert other["tokens"] == tp2["tokens"] and other["bytes"] == tp2["bytes"]
         assert abs(other["loss"] - tp2["loss"]) <= 1e-5 * tp2["loss"], (other, tp2)
         assert abs(other["bits_per_byte"] - tp2["bits_per_byte"]) <= 1e-5 * tp2["bits_per_byte"]
