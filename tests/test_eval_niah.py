@@ -76,6 +76,7 @@ def test_cli_writes_table_png_and_json(tok_and_haystack, tmp_path, capsys):
             assert t["prompt_tokens"] + niah.EXTRA_TOKENS + 6 == cell["length"]  # answer " 12345": 6 byte tokens
             assert abs(t["depth"] - cell["depth"]) <= 0.5 / t["haystack_tokens"] + 1e-12
     assert all(n > 0 for row in result["answer_nll"] for n in row)
+    assert len(result["needle_gain"]) == 3 and all(len(r) == 2 for r in result["needle_gain"])
     table = (out / "niah.md").read_text()
     assert "| depth \\ length | 120 | 160 |" in table and "| 50% |" in table
     assert summary["mean_accuracy"] == result["mean_accuracy"] and summary["output"] == str(out)
@@ -91,3 +92,22 @@ def test_cli_writes_table_png_and_json(tok_and_haystack, tmp_path, capsys):
         assert not target.exists()
     assert main(argv) == 2  # the output directory is not empty
     assert "exists" in capsys.readouterr().err
+
+
+def test_answer_nll_is_teacher_forced_nll_with_left_padding(tok_and_haystack):
+    from fixtures.tiny_export import write_export
+
+    from stem_megatron.inference.generate import Generator
+    from stem_megatron.inference.loading import load_model
+
+    root, tok_path, tok, _ = tok_and_haystack
+    export = write_export(str(root / "m2"), tok_path, seq_length=64)
+    ref = load_model(export).model
+    prompts, answers = [[5, 80, 81, 9, 120, 33, 7], [44, 2]], [[49, 50, 51], [52, 53, 54, 55]]
+    with torch.no_grad():  # by hand, one unpadded sequence at a time
+        want = []
+        for p, a in zip(prompts, answers):
+            logp = ref(torch.tensor([p + a]))[0, :, :tok.vocab_size].log_softmax(-1)
+            want.append(-sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(a)) / len(a))
+    gen = Generator(load_model(export).model, context_length=64, vocab=tok.vocab_size, eod=tok.eod)
+    assert niah.answer_nll(gen, prompts, answers) == pytest.approx(want, rel=1e-5)

@@ -12,11 +12,12 @@ For each context length and depth, `trials` prompts are built (`build_prompt`):
 
 The model answers greedily (answer tokens + 2 new tokens); a trial is correct when the key's digits
 appear in its answer. `answer_nll` is the mean negative log-likelihood (nats per token) of the
-answer tokens " 48213" given the prompt (teacher forcing): it moves long before accuracy does, so
-it shows whether a small model uses the needle at all.
+answer tokens " 48213" given the prompt (teacher forcing); `needle_gain` is the same NLL for the
+prompt with the needle removed minus `answer_nll`: above 0 the model draws on the needle, which
+moves long before accuracy does and so shows whether a small model uses the context at all.
 
-Output directory: `niah.json` (everything), `niah.md` (accuracy and NLL tables), `niah.png` (a
-depth x length heatmap of accuracy, and one of answer NLL). Written under a temporary name and
+Output directory: `niah.json` (everything), `niah.md` (accuracy, NLL and needle-gain tables), `niah.png`
+(depth x length heatmaps of accuracy and needle gain). Written under a temporary name and
 renamed when complete.
 
 Legend: b prompts of one cell, P prompt length, v vocabulary.
@@ -101,12 +102,26 @@ def default_lengths(context: int, shortest: int) -> list[int]:
     return sorted({n for n in (context // 4, context // 2, 3 * context // 4, context) if n >= shortest})
 
 
+def answer_nll(generator, prompts: list[list[int]], answers: list[list[int]]) -> list[float]:
+    """Mean NLL (nats per token) of each answer given its prompt, by teacher forcing."""
+    logits_bPv = generator.logits([p + a for p, a in zip(prompts, answers)]).float()
+    logp_bPv = logits_bPv[..., :generator.vocab].log_softmax(-1)
+    P = logits_bPv.shape[1]
+    out = []
+    for b, answer in enumerate(answers):
+        # left-padded: sequence b ends at P - 1; answer token k is predicted at position P - len(answer) - 1 + k
+        first = P - len(answer) - 1
+        out.append(-sum(logp_bPv[b, first + k, t].item() for k, t in enumerate(answer)) / len(answer))
+    return out
+
+
 def run_niah(generator, tokenizer, haystack: list[int], lengths: list[int], depths: list[float], trials: int,
              seed: int = 0, progress=None) -> dict:
     """Accuracy and answer NLL per (depth, length) cell; `generator` is a generate.Generator."""
     rng = random.Random(seed)
     acc = [[0.0] * len(lengths) for _ in depths]
     nll = [[0.0] * len(lengths) for _ in depths]
+    gain = [[0.0] * len(lengths) for _ in depths]
     cells = []
     for j, length in enumerate(lengths):
         for i, depth in enumerate(depths):
@@ -115,25 +130,22 @@ def run_niah(generator, tokenizer, haystack: list[int], lengths: list[int], dept
             out = generator.generate([p.ids for p in prompts], min(len(p.answer) + EXTRA_TOKENS for p in prompts))
             answers = [tokenizer.decode(t) for t in out.tokens]
             correct = [p.key in a for p, a in zip(prompts, answers)]
-            full = [p.ids + p.answer for p in prompts]
-            logits_bPv = generator.logits(full).float()
-            logp_bPv = logits_bPv[..., :generator.vocab].log_softmax(-1)
-            P = logits_bPv.shape[1]
-            cell_nll = []
-            for b, p in enumerate(prompts):
-                # left-padded: sequence b ends at P; answer token k is predicted at position P - len(answer) - 1 + k
-                first = P - len(p.answer) - 1
-                lp = [logp_bPv[b, first + k, t].item() for k, t in enumerate(p.answer)]
-                cell_nll.append(-sum(lp) / len(lp))
+            cell_nll = answer_nll(generator, [p.ids for p in prompts], [p.answer for p in prompts])
+            # control: the same prompts without the needle; the answer can only come from priors
+            no_needle = [p.ids[:p.needle_start] + p.ids[p.needle_start + p.needle_len:] for p in prompts]
+            cell_control = answer_nll(generator, no_needle, [p.answer for p in prompts])
             acc[i][j] = sum(correct) / trials
             nll[i][j] = sum(cell_nll) / trials
+            gain[i][j] = sum(cell_control) / trials - nll[i][j]
             cells.append({"length": length, "depth": depth, "accuracy": acc[i][j], "answer_nll": nll[i][j],
+                          "needle_gain": gain[i][j],
                           "trials": [{"key": p.key, "answer": a, "correct": c, "needle_start": p.needle_start,
                                       "depth": p.depth, "haystack_tokens": p.haystack_len, "prompt_tokens": len(p.ids)}
                                      for p, a, c in zip(prompts, answers, correct)]})
             if progress is not None:
                 progress.update(1)
     return {"lengths": lengths, "depths": depths, "trials": trials, "accuracy": acc, "answer_nll": nll,
+            "needle_gain": gain,
             "mean_accuracy": sum(map(sum, acc)) / (len(depths) * len(lengths)), "cells": cells}
 
 
@@ -154,9 +166,13 @@ def heatmap(result: dict, path: str, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label, cmap, vmin, vmax in (
         (axes[0], "accuracy", "accuracy", "RdYlGn", 0.0, 1.0),
-        (axes[1], "answer_nll", "answer NLL (nats/token)", "viridis_r", None, None),
+        (axes[1], "needle_gain", "needle gain: answer NLL without - with needle (nats/token)", "RdBu", None, None),
     ):
-        im = ax.imshow(torch.tensor(result[key]).numpy(), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+        values = torch.tensor(result[key])
+        if key == "needle_gain":  # diverging colours centred on 0 (no effect)
+            vmax = max(values.abs().max().item(), 1e-6)
+            vmin = -vmax
+        im = ax.imshow(values.numpy(), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_xticks(range(len(result["lengths"])), [str(n) for n in result["lengths"]])
         ax.set_yticks(range(len(result["depths"])), [f"{100 * d:.0f}%" for d in result["depths"]])
         ax.set_xlabel("context length (tokens)")
@@ -186,7 +202,9 @@ def write_outputs(result: dict, output: str, title: str) -> None:
             f.write(f"# {title}\n\nAccuracy ({result['trials']} trials per cell):\n\n"
                     + markdown_table(result, "accuracy", ".2f")
                     + "\n\nAnswer NLL (nats per answer token, teacher forcing):\n\n"
-                    + markdown_table(result, "answer_nll", ".3f") + "\n")
+                    + markdown_table(result, "answer_nll", ".3f")
+                    + "\n\nNeedle gain (answer NLL without the needle minus with it; > 0: the model uses the needle):\n\n"
+                    + markdown_table(result, "needle_gain", ".3f") + "\n")
         heatmap(result, os.path.join(tmp, "niah.png"), title)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
