@@ -61,15 +61,24 @@ class MegatronScorer:
             if not o.startswith(ALLOWED_OVERRIDES):
                 raise ConfigError(f"{o}: only parallel.*, stem.shard_size and model.transformer_impl may be overridden")
         self._logdir = tempfile.mkdtemp(prefix="stem-eval-")  # the trainer's TensorBoard writer wants one
-        cfg = load_config(f"{ckpt}/{fmt.CONFIG}", [
-            *LAYOUT_DEFAULTS, "train.micro_batch_size=1", "checkpoint.save=null", "checkpoint.load=null",
-            f"logging.tensorboard_dir={self._logdir}", f"model.seq_length={seq_length}", *overrides,
-        ])
+        try:
+            cfg = load_config(f"{ckpt}/{fmt.CONFIG}", [
+                *LAYOUT_DEFAULTS, "train.micro_batch_size=1", "checkpoint.save=null", "checkpoint.load=null",
+                f"logging.tensorboard_dir={self._logdir}", f"model.seq_length={seq_length}", *overrides,
+            ])
+        except BaseException:
+            shutil.rmtree(self._logdir, ignore_errors=True)
+            raise
         self.cfg, self.seq_length, self.batch_size = cfg, seq_length, batch_size
         self.trainer = Trainer(cfg)
-        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the result line
-            self.trainer.setup(datasets=(_NoData(), None))
-            Checkpointer(CheckpointConfig()).load(self.trainer, ckpt)
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # stdout is for the result line
+                self.trainer.setup(datasets=(_NoData(), None))
+                Checkpointer(CheckpointConfig()).load(self.trainer, ckpt)
+        except BaseException:
+            parallel_state.destroy_model_parallel()
+            shutil.rmtree(self._logdir, ignore_errors=True)
+            raise
         for m in self.trainer.model:
             m.eval()
         self.dp_rank, self.dp_size = self.trainer.info.dp_rank, self.trainer.info.dp_size
