@@ -167,6 +167,17 @@ def test_bad_input_is_one_line_and_an_exit_code(scored, tmp_path, capsys):
         (["ppl", "--model", str(root / "hf"), "--input", str(tmp_path / "missing.jsonl")], 2, "no such file"),
         (["ppl", "--model", str(root / "hf"), "--input", data, "--seq-length", "17"], 2, "model's context"),
     ]
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(root / "ckpt" / "step_00000001", damaged)
+    with open(damaged / "stem_checkpoint.json", "a") as f:
+        f.write(" ")
+    cases += [
+        (["ppl", "--model", str(damaged), "--input", data], 4, "manifest says"),
+        (["ppl", "--model", str(root / "ckpt"), "--input", data, "parallel.tensor_model_parallel_size=2"], 2,
+         "world_size"),
+    ]
     (tmp_path / "empty.jsonl").write_text("\n")
     for argv, code, words in cases:
         assert main(argv) == code, argv

@@ -22,7 +22,10 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
+
+_OVERRIDE = re.compile(r"^[A-Za-z_]+(\.[A-Za-z_]+)+=")
 
 
 def _floats(text: str) -> list[float]:
@@ -58,7 +61,11 @@ def parse_args(argv=None):
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--tables", choices=("device", "host"), default="device")
     n.add_argument("--device", help="[cuda if available, else cpu]")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.command == "ppl":  # `--input a b section.key=value`: nargs="+" takes the overrides too
+        args.overrides += [x for x in args.input if _OVERRIDE.match(x)]
+        args.input = [x for x in args.input if not _OVERRIDE.match(x)]
+    return args
 
 
 class _Fail(Exception):
@@ -92,6 +99,8 @@ def run_ppl(args) -> dict:
         raise _Fail(2, "--batch-size and --max-docs must be >= 1")
     if info.kind == "export" and args.overrides:
         raise _Fail(2, f"{args.overrides[0]}: layout overrides apply to checkpoints only")
+    if not args.input:
+        raise _Fail(2, "--input: no input file (only overrides were given)")
     tok = info.tokenizer
     try:
         docs = read_documents(args.input, tok, args.json_key, args.max_docs)
