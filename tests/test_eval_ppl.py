@@ -49,6 +49,7 @@ def _train_save_and_score(rank, world_size, root, tokenizer, data):
     cfg = tiny_export_config(seq_length=16)
     cfg.parallel.tensor_model_parallel_size = 2
     cfg.data.tokenizer = tokenizer
+    cfg.logging.tensorboard_dir = os.path.join(root, "tensorboard")  # not ./runs
     cfg.train.lr, cfg.train.warmup_steps, cfg.stem.lr = 3e-3, 1, 1e-2
     trainer = Trainer(cfg)
     trainer.checkpointer = Checkpointer(CheckpointConfig(save=os.path.join(root, "ckpt")))
