@@ -134,21 +134,26 @@ def hf_config(cfg, meta: dict, dtype: str, tokenizer: dict | None, vocab_rows: i
     }
 
 
-def load_exported(path: str, dtype: torch.dtype = torch.float32):
-    """The `ReferenceStemLM` of an exported directory, weights loaded (strict), in eval mode."""
-    from safetensors.torch import load_file
-
+def reference_from_config(c: dict):
+    """An uninitialised `ReferenceStemLM` for an export's config.json fields (`hf_config`'s dict)."""
     from stem_megatron.reference import ReferenceConfig, ReferenceStemLM
 
-    with open(os.path.join(path, CONFIG_JSON)) as f:
-        c = json.load(f)
-    ref = ReferenceStemLM(ReferenceConfig(
+    return ReferenceStemLM(ReferenceConfig(
         vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
         num_attention_heads=c["num_attention_heads"], num_query_groups=c["num_key_value_heads"],
         head_dim=c["head_dim"], ffn_hidden_size=c["intermediate_size"], stem_layers=list(c["stem_layers"]),
         table_vocab_size=c["stem_table_vocab_size"], rotary_base=c["rope_theta"], norm_epsilon=c["rms_norm_eps"],
         tie_embeddings=c["tie_word_embeddings"],
     ))
+
+
+def load_exported(path: str, dtype: torch.dtype = torch.float32):
+    """The `ReferenceStemLM` of an exported directory, weights loaded (strict), in eval mode."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, CONFIG_JSON)) as f:
+        c = json.load(f)
+    ref = reference_from_config(c)
     ref.load_state_dict(load_file(os.path.join(path, WEIGHTS)), strict=True)
     return ref.to(dtype).eval()
 
@@ -163,10 +168,12 @@ def _copy_tokenizer(src: str, out_dir: str, kind: str) -> dict:
     return {"kind": kind, "files": [os.path.basename(src)]}
 
 
-def export(ckpt_path: str, output: str, dtype: str = "float32", tokenizer: str | None = None) -> str:
-    """Write the export of checkpoint `ckpt_path` (a checkpoint or save directory) to `output`."""
-    from safetensors.torch import save_file
+def read_checkpoint(ckpt_path: str):
+    """(checkpoint dir, meta, config, full reference-named fp32 state) of a checkpoint or save directory.
 
+    Verifies the manifest first; raises CheckpointError (one line) for a missing, damaged or
+    non-RMSNorm checkpoint. Shared by `export` and the inference loader (stem_megatron.inference).
+    """
     from stem_megatron.training import checkpoint_format as fmt
     from stem_megatron.training.checkpoint_format import CheckpointError
     from stem_megatron.training.checkpoint_meta import read_meta, saved_config
@@ -179,8 +186,16 @@ def export(ckpt_path: str, output: str, dtype: str = "float32", tokenizer: str |
     if cfg.model.normalization != "RMSNorm":
         raise CheckpointError(f"checkpoint {ckpt}: model.normalization={cfg.model.normalization}; the export "
                               "format (Llama names, ReferenceStemLM) is RMSNorm only")
+    return ckpt, meta, cfg, to_reference_names(load_dense_tensors(ckpt), cfg, full_tables(ckpt, meta))
+
+
+def export(ckpt_path: str, output: str, dtype: str = "float32", tokenizer: str | None = None) -> str:
+    """Write the export of checkpoint `ckpt_path` (a checkpoint or save directory) to `output`."""
+    from safetensors.torch import save_file
+
     if os.path.exists(output) and os.listdir(output):
         raise FileExistsError(f"{output} exists and is not empty")
+    ckpt, meta, cfg, state = read_checkpoint(ckpt_path)
     tok = None
     if tokenizer is not None:
         from stem_megatron.data.tokenizer import detect_kind
@@ -189,7 +204,6 @@ def export(ckpt_path: str, output: str, dtype: str = "float32", tokenizer: str |
     elif meta.get("tokenizer"):
         tok = (os.path.join(ckpt, meta["tokenizer"]["path"]), meta["tokenizer"]["kind"])
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    state = to_reference_names(load_dense_tensors(ckpt), cfg, full_tables(ckpt, meta))
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp-{os.path.basename(os.path.abspath(output))}")
