@@ -32,6 +32,7 @@ setup(
             "stem-reshard=stem_megatron.reshard:main",
             "stem-export=stem_megatron.export:main",
             "stem-preprocess=data_tools.preprocess:main",
+            "stem-merge=data_tools.merge:main",
             "stem-train-tokenizer=data_tools.train_tokenizer:main",
             "stem-sample-data=data_tools.sample_corpus:main",
         ]
