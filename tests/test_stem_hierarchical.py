@@ -1,0 +1,190 @@
+"""The hierarchical (node-aware) exchange against the flat one, and the scale model against counters.
+
+4 gloo ranks simulated as 2 nodes x 2 (`ranks_per_node=2`): rows bitwise equal to flat, table
+gradients and 3 training steps (RowSparseAdamW) equal to flat in fp32, bitwise in deterministic
+mode, with uneven unique counts and an empty micro-batch; inter-node bytes below flat on Zipf
+ids; `traffic_model` (the scale model) gives exactly the measured per-rank counters. TP=2 x DP=2
+with megatron's groups: each shard group then has one rank per node.
+
+Legend: V vocab, L layers, F columns, N tokens.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from stem_megatron.stem.engine import StemTableEngine
+from stem_megatron.stem.exchange import owner_major
+from stem_megatron.stem.hierarchical import NodeMap, node_map, node_union, owner_sum, route_to_aggregators
+from stem_megatron.stem.optimizer import RowSparseAdamW
+from stem_megatron.stem.reference import toy_loss, toy_weights
+from stem_megatron.stem.traffic_model import step_traffic_all
+from stem_megatron.testing.distributed import run_distributed
+
+V, LAYERS, F, STD, SEED, STEPS = 997, [0, 3], 8, 0.5, 11, 3
+KEYS = ("sent_intra", "sent_inter", "recv_intra", "recv_inter")
+
+
+def _zipf_batches(step: int, rank: int) -> list[torch.Tensor]:
+    """Three micro-batches of Zipf-like ids; sizes differ by rank; rank 1's second one is empty."""
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    weights_V = 1.0 / torch.arange(1, V + 1, dtype=torch.float64)
+    out = []
+    for mb, n in enumerate([60 + 25 * rank, 40 + 7 * rank, 90]):
+        n = 0 if (rank, mb) == (1, 1) else n
+        out.append(torch.multinomial(weights_V, n, replacement=True, generator=gen).view(-1, 1) if n else
+                   torch.empty(0, 1, dtype=torch.int64))
+    return out
+
+
+def test_node_map_and_routing_unit():
+    assert node_map([0, 1, 2, 3], 2) == NodeMap(4, 2)
+    assert node_map([0, 2], 2) == NodeMap(2, 1)  # TP=2: one shard rank per node
+    assert node_map([4, 5, 6, 7], 8) == NodeMap(4, 4)
+    for ranks, p in (([0, 2, 1, 3], 2), ([0, 1, 2], 2), ([1, 2, 3, 4], 2)):
+        with pytest.raises(ValueError, match="does not sit on nodes"):
+            node_map(ranks, p)
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        node_map([0, 1], 0)
+    # Routing: every id reaches an aggregator on the sender's node with the owner's local index,
+    # and the aggregator's union sends each id once, to its owner.
+    nm = NodeMap(8, 4)
+    ids = torch.unique(torch.randint(0, 500, (300,), generator=torch.Generator().manual_seed(0)))
+    perm, send = route_to_aggregators(ids, 5, nm)
+    assert send[:4] == [0, 0, 0, 0] and sum(send) == ids.numel()
+    routed, start = ids[perm], 0
+    for dest in range(8):
+        seg = routed[start : start + send[dest]]
+        assert torch.all((seg % 8) % 4 == dest % 4) and (seg.numel() == 0 or dest // 4 == 1)
+        start += send[dest]
+    union, inverse, per_owner = node_union(torch.cat([routed, routed[:7]]), 8)
+    assert torch.equal(union[inverse], torch.cat([routed, routed[:7]]))
+    assert per_owner == torch.bincount(union % 8, minlength=8).tolist()
+    assert torch.equal(union, union[owner_major(union, 8)[0]])
+
+
+def test_owner_sum_two_level_association_is_node_first():
+    # id 4 from sources 1 (node 0), 2 and 3 (node 1); fp32 rounding tells the association apart
+    nm = NodeMap(4, 2)
+    vals = torch.tensor([[1e8], [-1e8], [1.0]], dtype=torch.float32)
+    ids = torch.full((3,), 4)
+    index, det = owner_sum(ids, vals, [0, 1, 1, 1], nm, True)
+    assert index.tolist() == [1] and det.item() == 0.0  # 1e8 + (-1e8 + 1): node 1 summed first
+    _, single = owner_sum(ids, vals, [0, 1, 1, 1], None, True)
+    assert single.item() == 1.0  # (1e8 - 1e8) + 1: the flat pairwise tree over sources
+
+
+def _engine(exchange, deterministic, shard_group=None, tp_rank=0, tp_size=1, replica_group=None):
+    return StemTableEngine(
+        vocab_size=V,
+        layer_ids=LAYERS,
+        ffn_hidden_size=F,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        shard_group=dist.group.WORLD if shard_group is None else shard_group,
+        replica_group=replica_group,
+        init_std=STD,
+        seed=SEED,
+        deterministic=deterministic,
+        exchange=exchange,
+        ranks_per_node=2,
+    )
+
+
+def _train_both(dp_rank, deterministic, **engine_kwargs):
+    """STEPS steps on a flat and a hierarchical engine; checks equality; returns step 0's counters."""
+    engines = {x: _engine(x, deterministic, **engine_kwargs) for x in ("flat", "hierarchical")}
+    opts = {x: RowSparseAdamW([e], weight_decay=0.1) for x, e in engines.items()}
+    f = engines["flat"].layout.cols_local
+    cols = slice(engines["flat"].layout.col_start, engines["flat"].layout.col_start + f)
+    w_LF = toy_weights(len(LAYERS), F)[:, cols]
+    counters = {}
+    for step in range(STEPS):
+        lookups = {x: [] for x in engines}
+        for ids in _zipf_batches(step, dp_rank):
+            lk = {x: e.lookup(ids) for x, e in engines.items()}
+            for s in range(len(LAYERS)):  # rows: bitwise the same while the weights are
+                a, b = lk["flat"].gather(s), lk["hierarchical"].gather(s)
+                if deterministic or step == 0:
+                    assert torch.equal(a, b)
+                else:
+                    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+            for x in engines:
+                toy_loss(lk[x].gather, w_LF).backward()
+                lookups[x].append(lk[x].stats)
+        for e in engines.values():
+            e.reduce_grads()
+        gf, gh = engines["flat"], engines["hierarchical"]
+        assert torch.equal(gf.grad_index, gh.grad_index)
+        if deterministic:
+            assert torch.equal(gf.grad_values, gh.grad_values)
+        else:
+            torch.testing.assert_close(gh.grad_values, gf.grad_values, rtol=1e-5, atol=1e-6)
+        if step == 0:
+            counters = {
+                x: {
+                    "lookup": {k: sum(st[f"bytes_{k}"] for st in lookups[x]) for k in KEYS},
+                    "reduce": {k: engines[x].stats[f"reduce_bytes_{k}"] for k in KEYS},
+                }
+                for x in engines
+            }
+        for o in opts.values():
+            o.step(lr=0.05)
+            o.zero_grad()
+        if deterministic:
+            assert torch.equal(gf.weight, gh.weight), step
+        else:
+            torch.testing.assert_close(gh.weight, gf.weight, rtol=1e-5, atol=1e-6)
+    return counters
+
+
+def _world4_two_nodes(rank, world_size):
+    out = {}
+    for deterministic in (False, True):
+        out[deterministic] = _train_both(rank, deterministic)
+    return out
+
+
+def test_hierarchical_equals_flat_2x2_and_counters_match_the_scale_model():
+    results = run_distributed(_world4_two_nodes, world_size=4, timeout=300)
+    nm = NodeMap(4, 2)
+    row_bytes, grad_row_bytes = len(LAYERS) * F * 4, len(LAYERS) * F * 4  # fp32 rows, fp32 grads
+    batches = [_zipf_batches(0, r) for r in range(4)]
+    for exchange in ("flat", "hierarchical"):
+        model = step_traffic_all(batches, nm, row_bytes, grad_row_bytes, exchange, "microbatch")
+        for r in range(4):
+            measured = results[r][True][exchange]
+            assert measured == results[r][False][exchange]
+            for k in KEYS:
+                assert model[r][f"lookup_{k}"] == measured["lookup"][k], (exchange, r, k)
+                assert model[r][f"reduce_{k}"] == measured["reduce"][k], (exchange, r, k)
+    inter = {
+        x: sum(results[r][True][x][p]["sent_inter"] for r in range(4) for p in ("lookup", "reduce"))
+        for x in ("flat", "hierarchical")
+    }
+    assert inter["hierarchical"] < 0.85 * inter["flat"], inter
+    # step scope in the model: fewer bytes than per micro-batch for the same ids
+    step = step_traffic_all(batches, nm, row_bytes, grad_row_bytes, "hierarchical", "step")
+    mb = step_traffic_all(batches, nm, row_bytes, grad_row_bytes, "hierarchical", "microbatch")
+    assert sum(s["lookup_sent_inter"] for s in step) < sum(m["lookup_sent_inter"] for m in mb)
+
+
+def _tp2_dp2(rank, world_size):
+    from megatron.core import parallel_state
+
+    from stem_megatron.stem.groups import build_stem_groups
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2, create_gloo_process_groups=False)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    groups = build_stem_groups(None)
+    assert dist.get_process_group_ranks(groups.shard_group) == [tp_rank, tp_rank + 2]
+    for deterministic in (False, True):
+        _train_both(
+            dp_rank, deterministic, shard_group=groups.shard_group, tp_rank=tp_rank, tp_size=2
+        )
+    return True
+
+
+def test_hierarchical_equals_flat_tp2_dp2():
+    assert all(run_distributed(_tp2_dp2, world_size=4, timeout=300))
