@@ -1,10 +1,11 @@
-"""The hierarchical (node-aware) exchange against the flat one, and the scale model against counters.
+"""Hierarchical exchange and step scope against the flat per-micro-batch exchange; the scale model.
 
-4 gloo ranks simulated as 2 nodes x 2 (`ranks_per_node=2`): rows bitwise equal to flat, table
-gradients and 3 training steps (RowSparseAdamW) equal to flat in fp32, bitwise in deterministic
-mode, with uneven unique counts and an empty micro-batch; inter-node bytes below flat on Zipf
-ids; `traffic_model` (the scale model) gives exactly the measured per-rank counters. TP=2 x DP=2
-with megatron's groups: each shard group then has one rank per node.
+4 gloo ranks simulated as 2 nodes x 2 (`ranks_per_node=2`), variants flat / hierarchical x
+micro-batch / step scope: rows bitwise equal to flat, table gradients and 3 training steps
+(RowSparseAdamW) equal to flat in fp32, bitwise in deterministic mode, with uneven unique counts
+and an empty micro-batch; inter-node bytes below flat on Zipf ids; `traffic_model` (the scale
+model) gives exactly the measured per-rank counters of every variant. TP=2 x DP=2 with
+megatron's groups: each shard group then has one rank per node.
 
 Legend: V vocab, L layers, F columns, N tokens.
 """
@@ -91,57 +92,69 @@ def _engine(exchange, deterministic, shard_group=None, tp_rank=0, tp_size=1, rep
     )
 
 
-def _train_both(dp_rank, deterministic, **engine_kwargs):
-    """STEPS steps on a flat and a hierarchical engine; checks equality; returns step 0's counters."""
-    engines = {x: _engine(x, deterministic, **engine_kwargs) for x in ("flat", "hierarchical")}
+VARIANTS = {  # name: (exchange, scope); "flat" is the reference
+    "flat": ("flat", "microbatch"),
+    "hierarchical": ("hierarchical", "microbatch"),
+    "flat_step": ("flat", "step"),
+    "hierarchical_step": ("hierarchical", "step"),
+}
+
+
+def _train_all(dp_rank, deterministic, **engine_kwargs):
+    """STEPS steps on every variant; checks each equals flat; returns step 0's byte counters."""
+    engines = {x: _engine(ex, deterministic, **engine_kwargs) for x, (ex, _) in VARIANTS.items()}
     opts = {x: RowSparseAdamW([e], weight_decay=0.1) for x, e in engines.items()}
-    f = engines["flat"].layout.cols_local
-    cols = slice(engines["flat"].layout.col_start, engines["flat"].layout.col_start + f)
+    ref = engines["flat"]
+    cols = slice(ref.layout.col_start, ref.layout.col_start + ref.layout.cols_local)
     w_LF = toy_weights(len(LAYERS), F)[:, cols]
     counters = {}
     for step in range(STEPS):
+        batches = _zipf_batches(step, dp_rank)
+        handles = {x: e.prefetch_step(batches) for x, e in engines.items() if VARIANTS[x][1] == "step"}
         lookups = {x: [] for x in engines}
-        for ids in _zipf_batches(step, dp_rank):
-            lk = {x: e.lookup(ids) for x, e in engines.items()}
-            for s in range(len(LAYERS)):  # rows: bitwise the same while the weights are
-                a, b = lk["flat"].gather(s), lk["hierarchical"].gather(s)
-                if deterministic or step == 0:
-                    assert torch.equal(a, b)
-                else:
-                    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        for i, ids in enumerate(batches):
+            lk = {x: handles[x][i].wait() if x in handles else e.lookup(ids) for x, e in engines.items()}
             for x in engines:
+                for s in range(len(LAYERS)):  # rows: bitwise the same while the weights are
+                    a, b = lk["flat"].gather(s), lk[x].gather(s)
+                    if deterministic or step == 0:
+                        assert torch.equal(a, b), x
+                    else:
+                        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
                 toy_loss(lk[x].gather, w_LF).backward()
                 lookups[x].append(lk[x].stats)
         for e in engines.values():
             e.reduce_grads()
-        gf, gh = engines["flat"], engines["hierarchical"]
-        assert torch.equal(gf.grad_index, gh.grad_index)
-        if deterministic:
-            assert torch.equal(gf.grad_values, gh.grad_values)
-        else:
-            torch.testing.assert_close(gh.grad_values, gf.grad_values, rtol=1e-5, atol=1e-6)
+        for x, e in engines.items():
+            assert torch.equal(ref.grad_index, e.grad_index), x
+            if deterministic:
+                assert torch.equal(ref.grad_values, e.grad_values), x
+            else:
+                torch.testing.assert_close(e.grad_values, ref.grad_values, rtol=1e-5, atol=1e-6)
         if step == 0:
-            counters = {
-                x: {
-                    "lookup": {k: sum(st[f"bytes_{k}"] for st in lookups[x]) for k in KEYS},
-                    "reduce": {k: engines[x].stats[f"reduce_bytes_{k}"] for k in KEYS},
+            for x, e in engines.items():
+                per_exchange = lookups[x][:1] if x in handles else lookups[x]  # step: one exchange
+                counters[x] = {
+                    "lookup": {k: sum(st[f"bytes_{k}"] for st in per_exchange) for k in KEYS},
+                    "reduce": {k: e.stats[f"reduce_bytes_{k}"] for k in KEYS},
                 }
-                for x in engines
-            }
+                if x in handles:
+                    assert lookups[x][0]["step_rows"] == len(set(torch.cat(batches).flatten().tolist()))
         for o in opts.values():
             o.step(lr=0.05)
             o.zero_grad()
-        if deterministic:
-            assert torch.equal(gf.weight, gh.weight), step
-        else:
-            torch.testing.assert_close(gh.weight, gf.weight, rtol=1e-5, atol=1e-6)
+        for x, e in engines.items():
+            if deterministic:
+                assert torch.equal(ref.weight, e.weight), (x, step)
+            else:
+                torch.testing.assert_close(e.weight, ref.weight, rtol=1e-5, atol=1e-6)
     return counters
 
 
 def _world4_two_nodes(rank, world_size):
     out = {}
     for deterministic in (False, True):
-        out[deterministic] = _train_both(rank, deterministic)
+        out[deterministic] = _train_all(rank, deterministic)
     return out
 
 
@@ -150,23 +163,24 @@ def test_hierarchical_equals_flat_2x2_and_counters_match_the_scale_model():
     nm = NodeMap(4, 2)
     row_bytes, grad_row_bytes = len(LAYERS) * F * 4, len(LAYERS) * F * 4  # fp32 rows, fp32 grads
     batches = [_zipf_batches(0, r) for r in range(4)]
-    for exchange in ("flat", "hierarchical"):
-        model = step_traffic_all(batches, nm, row_bytes, grad_row_bytes, exchange, "microbatch")
+    for variant, (exchange, scope) in VARIANTS.items():
+        model = step_traffic_all(batches, nm, row_bytes, grad_row_bytes, exchange, scope)
         for r in range(4):
-            measured = results[r][True][exchange]
-            assert measured == results[r][False][exchange]
+            measured = results[r][True][variant]
+            assert measured == results[r][False][variant]
             for k in KEYS:
-                assert model[r][f"lookup_{k}"] == measured["lookup"][k], (exchange, r, k)
-                assert model[r][f"reduce_{k}"] == measured["reduce"][k], (exchange, r, k)
+                assert model[r][f"lookup_{k}"] == measured["lookup"][k], (variant, r, k)
+                assert model[r][f"reduce_{k}"] == measured["reduce"][k], (variant, r, k)
     inter = {
         x: sum(results[r][True][x][p]["sent_inter"] for r in range(4) for p in ("lookup", "reduce"))
         for x in ("flat", "hierarchical")
     }
     assert inter["hierarchical"] < 0.85 * inter["flat"], inter
-    # step scope in the model: fewer bytes than per micro-batch for the same ids
-    step = step_traffic_all(batches, nm, row_bytes, grad_row_bytes, "hierarchical", "step")
-    mb = step_traffic_all(batches, nm, row_bytes, grad_row_bytes, "hierarchical", "microbatch")
-    assert sum(s["lookup_sent_inter"] for s in step) < sum(m["lookup_sent_inter"] for m in mb)
+    lookup_inter = {
+        x: sum(results[r][True][x]["lookup"]["sent_inter"] for r in range(4)) for x in VARIANTS
+    }
+    assert lookup_inter["flat_step"] < lookup_inter["flat"], lookup_inter
+    assert lookup_inter["hierarchical_step"] < lookup_inter["hierarchical"], lookup_inter
 
 
 def _tp2_dp2(rank, world_size):
@@ -180,9 +194,7 @@ def _tp2_dp2(rank, world_size):
     groups = build_stem_groups(None)
     assert dist.get_process_group_ranks(groups.shard_group) == [tp_rank, tp_rank + 2]
     for deterministic in (False, True):
-        _train_both(
-            dp_rank, deterministic, shard_group=groups.shard_group, tp_rank=tp_rank, tp_size=2
-        )
+        _train_all(dp_rank, deterministic, shard_group=groups.shard_group, tp_rank=tp_rank, tp_size=2)
     return True
 
 

@@ -50,6 +50,7 @@ from stem_megatron.stem.hierarchical import (
     route_to_aggregators,
 )
 from stem_megatron.stem.segment import SegmentPlan, index_sum, unique_sum
+from stem_megatron.stem.step_scope import step_prefetches
 from stem_megatron.stem.table_init import default_init_std, fill_table_rows
 
 __all__ = ["StemIndexError", "StemLookup", "StemPrefetch", "StemTableEngine", "table_grad_sq_norm"]
@@ -384,6 +385,10 @@ class StemTableEngine:
     def lookup(self, ids: torch.Tensor) -> StemLookup:
         """prefetch(ids).wait(): one exchange for all L layers."""
         return self.prefetch(ids).wait()
+
+    def prefetch_step(self, ids_list: list[torch.Tensor]) -> list[StemPrefetch]:
+        """Step scope: one exchange for the union of a step's micro-batches (step_scope.py)."""
+        return step_prefetches(self, ids_list)
 
     # ----------------------------------------------------------------- backward reduction
     def reduce_grads(self) -> None:
