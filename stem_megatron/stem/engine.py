@@ -232,7 +232,14 @@ class StemTableEngine:
         self.id_exchange = id_exchange
         self.exchange = exchange
         # nodes of the shard group (hierarchical.py); None = unknown (flat, no intra/inter counters)
-        self.node_map = None if ranks_per_node is None else node_map(self.shard_global_ranks, ranks_per_node)
+        self.node_map = None
+        if ranks_per_node is not None:
+            try:
+                self.node_map = node_map(self.shard_global_ranks, ranks_per_node)
+            except ValueError:
+                if exchange == "hierarchical":
+                    raise
+                # flat works on any layout; it only loses the intra/inter counters
         self.init_std = default_init_std(vocab_size, ffn_hidden_size) if init_std is None else float(init_std)
         self.seed = seed
         self.weight = torch.empty(
