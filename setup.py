@@ -24,7 +24,8 @@ setup(
         # GPU clusters / NGC containers. `apex` here means NVIDIA's apex, which is not on PyPI
         # (build it from its repository); never the unrelated PyPI package named `apex`.
         "te": ["transformer-engine[pytorch]>=1.9"],
-        "dev": ["pytest>=8", "ruff>=0.5"],
+        "plot": ["matplotlib>=3.7"],  # benchmarks' PNGs (benchmarks.scale_model)
+        "dev": ["pytest>=8", "ruff>=0.5", "matplotlib>=3.7"],
     },
     entry_points={
         "console_scripts": [

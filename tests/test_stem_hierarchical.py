@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from stem_megatron.stem.engine import StemTableEngine
+from stem_megatron.stem.engine import StemIndexError, StemTableEngine
 from stem_megatron.stem.exchange import owner_major
 from stem_megatron.stem.hierarchical import NodeMap, node_map, node_union, owner_sum, route_to_aggregators
 from stem_megatron.stem.optimizer import RowSparseAdamW
 from stem_megatron.stem.reference import toy_loss, toy_weights
-from stem_megatron.stem.traffic_model import step_traffic_all
+from stem_megatron.stem.traffic_model import sampled_step_bytes, step_traffic_all
 from stem_megatron.testing.distributed import run_distributed
 
 V, LAYERS, F, STD, SEED, STEPS = 997, [0, 3], 8, 0.5, 11, 3
@@ -73,6 +73,22 @@ def test_owner_sum_two_level_association_is_node_first():
     assert index.tolist() == [1] and det.item() == 0.0  # 1e8 + (-1e8 + 1): node 1 summed first
     _, single = owner_sum(ids, vals, [0, 1, 1, 1], None, True)
     assert single.item() == 1.0  # (1e8 - 1e8) + 1: the flat pairwise tree over sources
+
+
+def test_sampled_scale_model_over_all_nodes_equals_the_full_model():
+    gen = torch.Generator().manual_seed(5)
+    nm = NodeMap(8, 2)
+    weights_V = 1.0 / torch.arange(1, 301, dtype=torch.float64)
+    batches = [[torch.multinomial(weights_V, 50 + 9 * r, True, generator=gen) for _ in range(3)] for r in range(8)]
+    for exchange in ("flat", "hierarchical"):
+        for scope in ("microbatch", "step"):
+            full = step_traffic_all(batches, nm, 48, 96, exchange, scope)
+            sampled = sampled_step_bytes(batches, nm, [0, 1, 2, 3], 48, 96, exchange, scope)
+            for where in ("intra", "inter"):
+                mean = sum(r[f"lookup_sent_{where}"] + r[f"reduce_sent_{where}"] for r in full) / 8
+                assert sampled[where] == mean, (exchange, scope, where)
+            one = sampled_step_bytes(batches, nm, [2], 48, 96, exchange, scope)  # a sample: close, not equal
+            assert 0.5 * sampled["inter"] < one["inter"] < 2 * sampled["inter"]
 
 
 def _engine(exchange, deterministic, shard_group=None, tp_rank=0, tp_size=1, replica_group=None):
@@ -155,6 +171,12 @@ def _world4_two_nodes(rank, world_size):
     out = {}
     for deterministic in (False, True):
         out[deterministic] = _train_all(rank, deterministic)
+    # a bad id on rank 3: every rank raises the same one-line error before any variable-size collective
+    engine = _engine("hierarchical", False)
+    try:
+        engine.lookup(torch.tensor([1, V + 4]) if rank == 3 else torch.tensor([1, 2]))
+    except StemIndexError as err:
+        out["bad_id"] = str(err)
     return out
 
 
@@ -163,6 +185,8 @@ def test_hierarchical_equals_flat_2x2_and_counters_match_the_scale_model():
     nm = NodeMap(4, 2)
     row_bytes, grad_row_bytes = len(LAYERS) * F * 4, len(LAYERS) * F * 4  # fp32 rows, fp32 grads
     batches = [_zipf_batches(0, r) for r in range(4)]
+    assert len({r["bad_id"] for r in results}) == 1
+    assert f"token id {V + 4} is outside the vocabulary [0, {V}) on STEM shard rank 3" in results[0]["bad_id"]
     for variant, (exchange, scope) in VARIANTS.items():
         model = step_traffic_all(batches, nm, row_bytes, grad_row_bytes, exchange, scope)
         for r in range(4):
