@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 NPROC ?= 2
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup test test-slow test-gpu lint bench bench-mlp bench-exchange bench-preprocess bench-train \
+.PHONY: setup test test-slow test-gpu lint bench bench-mlp bench-exchange bench-preprocess bench-train bench-scale \
         sample-data demo compare clean
 
 $(PY):
@@ -35,7 +35,7 @@ lint: $(PY)
 sample-data: $(PY)
 	$(PY) -m data_tools.sample_corpus --output-dir data/sample
 
-bench: bench-mlp bench-exchange bench-preprocess bench-train
+bench: bench-mlp bench-exchange bench-preprocess bench-train bench-scale
 
 bench-mlp: $(PY)
 	$(PY) -m benchmarks.bench_mlp
@@ -48,6 +48,9 @@ bench-preprocess: $(PY) sample-data
 
 bench-train: $(PY) sample-data
 	$(PY) -m benchmarks.bench_train
+
+bench-scale: $(PY) sample-data
+	$(PY) -m benchmarks.scale_model
 
 # The README's main job: a small STEM pretraining on real text (CPU by default).
 demo: setup sample-data

@@ -138,3 +138,26 @@ def test_bad_input_is_one_line(tmp_path, capsys, corpus):
     assert preprocess.main(args) == 2
     err = capsys.readouterr().err
     assert "--partition 2/2" in err and err.count("\n") == 1
+
+
+def test_preprocess_sbatch_dry_run(tmp_path):
+    import os
+    import subprocess
+
+    env = dict(os.environ, INPUT="corpus/", OUTPUT=str(tmp_path / "c"), TOKENIZER="t.tiktoken", PARTS="3",
+               DRY_RUN="1", EXTRA="--append-eod")
+    script = os.path.join(os.path.dirname(__file__), "..", "launch", "preprocess.sbatch")
+
+    def run(**extra):
+        out = subprocess.run(["bash", script], env=dict(env, **extra), capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert "--array=0-2 --export=ALL,STAGE=partition" in run()
+    part = run(STAGE="partition", SLURM_ARRAY_TASK_ID="1")
+    assert f"--output-prefix {tmp_path}/c.parts/part1 " in part and "--partition 1/3 --quiet --append-eod" in part
+    merge_cmd = run(STAGE="merge")
+    assert "data_tools.merge --input " + " ".join(f"{tmp_path}/c.parts/part{i}_text_document" for i in range(3)) in merge_cmd
+    assert f"--output-prefix {tmp_path}/c_text_document" in merge_cmd
+    bad = subprocess.run(["bash", script], env=dict(env, PARTS="0"), capture_output=True, text=True)
+    assert bad.returncode == 2 and "PARTS must be a positive integer" in bad.stderr
