@@ -5,7 +5,7 @@ NPROC ?= 2
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 .PHONY: setup test test-slow test-gpu gpu-check lint bench bench-mlp bench-exchange bench-preprocess bench-train \
-        bench-step bench-generate sample-data demo compare clean
+        bench-step bench-generate bench-scale sample-data demo compare clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -40,7 +40,7 @@ lint: $(PY)
 sample-data: $(PY)
 	$(PY) -m data_tools.sample_corpus --output-dir data/sample
 
-bench: bench-mlp bench-exchange bench-preprocess bench-train bench-generate
+bench: bench-mlp bench-exchange bench-preprocess bench-train bench-generate bench-scale
 
 bench-mlp: $(PY)
 	$(PY) -m benchmarks.bench_mlp
@@ -58,6 +58,8 @@ bench-step: $(PY)
 	$(PY) -m benchmarks.bench_step
 bench-generate: $(PY)
 	$(PY) -m benchmarks.bench_generate
+bench-scale: $(PY) sample-data
+	$(PY) -m benchmarks.scale_model
 
 # The README's main job: a small STEM pretraining on real text (CPU by default).
 demo: setup sample-data

@@ -24,8 +24,8 @@ setup(
         # GPU clusters / NGC containers. `apex` here means NVIDIA's apex, which is not on PyPI
         # (build it from its repository); never the unrelated PyPI package named `apex`.
         "te": ["transformer-engine[pytorch]>=1.9"],
-        "plot": ["matplotlib>=3.7"],  # stem-eval niah's heatmap
-        "dev": ["pytest>=8", "ruff>=0.5", "matplotlib>=3.7"],  # `make setup` installs dev: the tests draw heatmaps
+        "plot": ["matplotlib>=3.7"],  # PNGs: stem-eval niah heatmap, benchmarks.scale_model
+        "dev": ["pytest>=8", "ruff>=0.5", "matplotlib>=3.7"],  # `make setup` installs dev: the tests draw PNGs
     },
     entry_points={
         "console_scripts": [
@@ -35,6 +35,7 @@ setup(
             "stem-eval=stem_megatron.inference.eval_cli:main",
             "stem-generate=stem_megatron.inference.generate:main",
             "stem-preprocess=data_tools.preprocess:main",
+            "stem-merge=data_tools.merge:main",
             "stem-train-tokenizer=data_tools.train_tokenizer:main",
             "stem-sample-data=data_tools.sample_corpus:main",
         ]

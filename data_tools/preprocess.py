@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from data_tools.encode import EncodedBatch, Encoder, encode_in_worker, init_worker
 from data_tools.inputs import InputError, Record, add_input_args, iter_records, resolve_inputs
+from data_tools.partition import iter_partition_records, parse_partition
 from data_tools.progress import Progress
 from data_tools.records import Skip, StrictError
 from stem_megatron.data.tokenizer import TOKENIZER_KINDS, TokenizerError, load_tokenizer
@@ -57,6 +58,7 @@ class PreprocessOptions:
     batch_size: int = 256  # records per worker task
     progress: bool = True
     max_warnings: int = 20  # skipped records reported one by one; the rest are only counted
+    partition: tuple[int, int] | None = None  # (I, N): only partition I of N (data_tools.partition)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -169,7 +171,10 @@ def preprocess(opts: PreprocessOptions, log=None) -> PreprocessSummary:
     try:
         for key in keys:
             outputs[key] = IndexedOutput(output_path(opts.output_prefix, key), dtype)
-        records = iter_records(files, opts.text_split)
+        if opts.partition is None:
+            records = iter_records(files, opts.text_split)
+        else:
+            records = iter_partition_records(files, opts.text_split, *opts.partition)
         # closing(): on an error the worker pool stops here, not whenever the generator is collected
         with closing(_encoded(_batches(records, opts.batch_size), encoder, opts)) as batches:
             for batch in batches:
@@ -266,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-warnings", type=int, default=20, help="skipped records listed one by one (default 20)"
     )
+    p.add_argument(
+        "--partition",
+        metavar="I/N",
+        help="only partition I (0-based) of N, split by file and byte range; stem-merge joins them",
+    )
     p.add_argument("--stats-json", metavar="PATH", help="also write the summary as JSON to PATH")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
@@ -292,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             progress=not args.quiet,
             max_warnings=args.max_warnings,
+            partition=None if args.partition is None else parse_partition(args.partition),
         )
-    except ValueError as err:
+    except ValueError as err:  # InputError is a ValueError
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)

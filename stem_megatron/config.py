@@ -39,6 +39,8 @@ class ConfigError(ValueError):
 
 STEM_RATIOS = ("one_third", "half", "all")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
+STEM_EXCHANGES = ("flat", "hierarchical")  # stem/hierarchical.py
+STEM_EXCHANGE_SCOPES = ("microbatch", "step")  # stem/step_scope.py
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -293,6 +295,9 @@ class StemConfig:
     lr_schedule: str | None = None  # None = train.lr_schedule
     deterministic: bool = False  # bitwise-reproducible sparse gradient accumulation
     prefetch: bool = True  # start micro-batch i+1's table exchange right after micro-batch i's forward
+    exchange: str = "flat"  # flat | hierarchical (node de-dupe first; fewer inter-node bytes)
+    ranks_per_node: int | None = None  # None = the local world size (torchrun's LOCAL_WORLD_SIZE)
+    exchange_scope: str = "microbatch"  # microbatch | step (one exchange of the step's union of ids)
 
     def __post_init__(self) -> None:
         s = "stem"
@@ -308,7 +313,9 @@ class StemConfig:
                 _fail("stem.layers", self.layers, "layer indices must be unique")
             if min(self.layers) < 0:
                 _fail("stem.layers", self.layers, "layer indices must be >= 0")
-        _require_positive(self, s, "shard_size", "init_std", "lr")
+        _require_positive(self, s, "shard_size", "init_std", "lr", "ranks_per_node")
+        _require_choice("stem.exchange", self.exchange, STEM_EXCHANGES)
+        _require_choice("stem.exchange_scope", self.exchange_scope, STEM_EXCHANGE_SCOPES)
         _require_non_negative(self, s, "min_lr", "weight_decay", "warmup_steps")
         if self.lr_schedule is not None:
             _require_choice("stem.lr_schedule", self.lr_schedule, LR_SCHEDULES)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -202,6 +203,12 @@ class StemGPTModel(GPTModel):
         if self.stem_engine is not None:
             self._prefetched.append((input_ids, self.stem_engine.prefetch(input_ids)))
 
+    def prefetch_stem_step(self, ids_list: list[torch.Tensor]) -> None:
+        """`stem.exchange_scope: step`: one exchange for all of a step's micro-batches, queued in order."""
+        if self.stem_engine is not None:
+            handles = self.stem_engine.prefetch_step(ids_list)
+            self._prefetched.extend(zip(ids_list, handles))
+
     def _lookup(self, input_ids: torch.Tensor):
         if self._prefetched:
             ids, handle = self._prefetched[0]
@@ -317,6 +324,15 @@ def stem_engine_factory(cfg: ExperimentConfig) -> Callable | None:
             compute_dtype=tcfg.params_dtype,
             device=device,
             deterministic=cfg.stem.deterministic,
+            exchange=cfg.stem.exchange,
+            ranks_per_node=cfg.stem.ranks_per_node or _local_world_size(),
         )
 
     return factory
+
+
+def _local_world_size() -> int:
+    """Ranks per node: torchrun's LOCAL_WORLD_SIZE; without it, one node holds the whole world."""
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1

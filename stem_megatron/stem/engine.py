@@ -36,8 +36,22 @@ from stem_megatron.stem.exchange import (
     owner_major,
     reduce_traffic,
 )
+from stem_megatron.stem.hierarchical import (
+    BAD_ID_WORDS,
+    EXCHANGES,
+    flat_lookup_traffic,
+    flat_reduce_traffic,
+    lookup_hierarchical,
+    lookup_stats,
+    node_map,
+    owner_sum,
+    reduce_hierarchical,
+    reduce_stats,
+    route_to_aggregators,
+)
 from stem_megatron.stem.ownership import RowOwnership
 from stem_megatron.stem.segment import SegmentPlan, index_sum, unique_sum
+from stem_megatron.stem.step_scope import step_prefetches
 from stem_megatron.stem.table_init import default_init_std, fill_table_rows
 
 __all__ = ["StemIndexError", "StemLookup", "StemPrefetch", "StemTableEngine", "table_grad_sq_norm"]
@@ -195,6 +209,8 @@ class StemTableEngine:
         device: torch.device | str = "cpu",
         deterministic: bool = False,
         id_exchange: str = "alltoall",
+        exchange: str = "flat",
+        ranks_per_node: int | None = None,
     ):
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
@@ -206,6 +222,10 @@ class StemTableEngine:
             )
         if id_exchange not in ID_EXCHANGES:
             raise ValueError(f"id_exchange must be one of {ID_EXCHANGES}, got {id_exchange!r}")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+        if exchange == "hierarchical" and ranks_per_node is None:
+            raise ValueError("the hierarchical exchange needs ranks_per_node")
         g = _group_size(shard_group)
         self.shard_group = shard_group if g > 1 else None
         self.replica_group = replica_group if _group_size(replica_group) > 1 else None
@@ -235,6 +255,16 @@ class StemTableEngine:
         self.device = torch.device(device)
         self.deterministic = deterministic
         self.id_exchange = id_exchange
+        self.exchange = exchange
+        # nodes of the shard group (hierarchical.py); None = unknown (flat, no intra/inter counters)
+        self.node_map = None
+        if ranks_per_node is not None:
+            try:
+                self.node_map = node_map(self.shard_global_ranks, ranks_per_node)
+            except ValueError:
+                if exchange == "hierarchical":
+                    raise
+                # flat works on any layout; it only loses the intra/inter counters
         self.init_std = default_init_std(vocab_size, ffn_hidden_size) if init_std is None else float(init_std)
         self.seed = seed
         self.weight = torch.empty(
@@ -295,6 +325,9 @@ class StemTableEngine:
                 self, lambda: self._complete(rows_ULF, None, inverse_N, ids.shape, unique_U, stats)
             )
 
+        if self.exchange == "hierarchical":
+            return self._prefetch_hierarchical(ids, meta_M, unique_U, inverse_N, row_bytes)
+
         # C1: bad-id flags and the request matrices, before any variable-size collective.
         meta_GM = torch.stack(all_gather_rows(meta_M, self.shard_group, g)).tolist()
         self._raise_on_bad_ids(meta_GM)
@@ -315,12 +348,37 @@ class StemTableEngine:
             req_R = torch.cat([lists[s][sum(uniq_GG[s][:me]) :][: uniq_GG[s][me]] for s in range(g)])
 
         # Owners gather; C3: rows back, arriving owner-major = in unique_U order.
-        served_RLF = self.weight.index_select(0, lay.ownership.local_row(req_R)).to(self.compute_dtype)
+        served_RLF = self._serve_rows(req_R)
         rows_ULF = served_RLF.new_empty((unique_U.numel(), *served_RLF.shape[1:]))
         work = dist.all_to_all_single(
             rows_ULF, served_RLF, send_G, recv_G, group=self.shard_group, async_op=True
         )
         stats = lookup_traffic(uniq_GG, tok_GG, me, row_bytes, self.id_exchange)
+        if self.node_map is not None and self.id_exchange == "alltoall":
+            traffic = flat_lookup_traffic(uniq_GG, me, row_bytes, self.node_map)
+            stats.update(lookup_stats(traffic, int(ids_N.numel()), int(unique_U.numel())))
+        return StemPrefetch(
+            self, lambda: self._complete(rows_ULF, work, inverse_N, ids.shape, unique_U, stats)
+        )
+
+    def _serve_rows(self, req_R: torch.Tensor) -> torch.Tensor:
+        """The owner side of an exchange: rows of the global ids req_R (all owned here), compute dtype."""
+        return self.weight.index_select(0, self.layout.ownership.local_row(req_R)).to(self.compute_dtype)
+
+    def _prefetch_hierarchical(self, ids, meta_M, unique_U, inverse_N, row_bytes) -> StemPrefetch:
+        """Node-aware lookup (hierarchical.py); unique_ids end up in aggregator-major order."""
+        lay = self.layout
+        g, me = lay.shard_size, lay.shard_rank
+        meta_GM = torch.stack(all_gather_rows(meta_M[:BAD_ID_WORDS], self.shard_group, g)).tolist()
+        self._raise_on_bad_ids(meta_GM)
+        perm_U, send_a = route_to_aggregators(unique_U, me, self.node_map)
+        position_U = torch.empty_like(perm_U)
+        position_U[perm_U] = torch.arange(perm_U.numel(), device=perm_U.device)
+        unique_U, inverse_N = unique_U[perm_U], position_U[inverse_N]
+        rows_ULF, work, traffic, n_agg = lookup_hierarchical(
+            unique_U, send_a, me, self.node_map, self.shard_group, self._serve_rows, row_bytes
+        )
+        stats = lookup_stats(traffic, int(inverse_N.numel()), int(unique_U.numel()), n_agg)
         return StemPrefetch(
             self, lambda: self._complete(rows_ULF, work, inverse_N, ids.shape, unique_U, stats)
         )
@@ -359,6 +417,10 @@ class StemTableEngine:
         """prefetch(ids).wait(): one exchange for all L layers."""
         return self.prefetch(ids).wait()
 
+    def prefetch_step(self, ids_list: list[torch.Tensor]) -> list[StemPrefetch]:
+        """Step scope: one exchange for the union of a step's micro-batches (step_scope.py)."""
+        return step_prefetches(self, ids_list)
+
     # ----------------------------------------------------------------- backward reduction
     def reduce_grads(self) -> None:
         """Sum every pending lookup's fp32 row gradient into owner-side sparse row gradients.
@@ -380,7 +442,14 @@ class StemTableEngine:
                 ids_K, grads_KLF = self._folded
             self._folded = None
             grad_row_bytes = shape_LF[0] * shape_LF[1] * 4
-            if g > 1:
+            shard_stats = None
+            if g > 1 and self.exchange == "hierarchical":
+                index_n, values_nLF, traffic = reduce_hierarchical(
+                    ids_K, grads_KLF, me, self.node_map, self.shard_group, self.deterministic, grad_row_bytes
+                )
+                shard_stats = reduce_stats(traffic)
+                count_GG, me = [[0]], 0  # reduce_traffic below then counts the replica part only
+            elif g > 1:
                 perm_K, send = owner_major(ids_K, g)
                 ids_K, grads_KLF = ids_K[perm_K], grads_KLF[perm_K]
                 count_GG = torch.stack(all_gather_rows(send, self.shard_group, g)).tolist()
@@ -389,8 +458,11 @@ class StemTableEngine:
                 dist.all_to_all_single(ids_R, ids_K, recv_G, send_G, group=self.shard_group)
                 grads_RLF = grads_KLF.new_empty((ids_R.numel(), *shape_LF))
                 dist.all_to_all_single(grads_RLF, grads_KLF, recv_G, send_G, group=self.shard_group)
-                # Owner-side accumulation; sources arrive in shard-rank order (fixed).
-                index_n, values_nLF = unique_sum(lay.ownership.local_row(ids_R), grads_RLF, self.deterministic)
+                # Owner-side accumulation; sources arrive in shard-rank order (fixed); deterministic
+                # sums associate as the hierarchical exchange does (node first), see owner_sum.
+                index_n, values_nLF = owner_sum(ids_R, grads_RLF, recv_G, self.node_map, self.deterministic)
+                if self.node_map is not None:
+                    shard_stats = reduce_stats(flat_reduce_traffic(count_GG, me, grad_row_bytes, self.node_map))
             else:
                 count_GG = [[ids_K.numel()]]
                 index_n, values_nLF = ids_K, grads_KLF
@@ -398,7 +470,14 @@ class StemTableEngine:
             if self.replica_group is not None:
                 index_n, values_nLF, replica_sizes = self._replica_sum(index_n, values_nLF)
         self.grad_index, self.grad_values = index_n, values_nLF
-        self.stats.update(reduce_traffic(count_GG, me, grad_row_bytes, index_n.numel(), replica_sizes))
+        stats = reduce_traffic(count_GG, me, grad_row_bytes, index_n.numel(), replica_sizes)
+        if shard_stats is not None:
+            if self.exchange == "hierarchical":  # shard part from hierarchical.py, replica part above
+                for k in ("reduce_bytes_sent", "reduce_bytes_received"):
+                    stats[k] += shard_stats[k]
+            shard_stats.update(stats)
+            stats = shard_stats
+        self.stats.update(stats)
 
     def _replica_sum(self, index_n, values_nLF):
         """Union of touched rows over the replica group, summed by one all-reduce of the union."""

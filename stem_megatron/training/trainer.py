@@ -107,6 +107,7 @@ class Trainer:
         self.poison_steps: set[int] = set()  # fault injection for tests: these steps' loss becomes NaN
         self.stop_requested: str | None = None
         self.checkpointer = None
+        self._step_scope_active = False  # this schedule's STEM rows come from one step-scope exchange
 
     # ------------------------------------------------------------------ setup
     def setup(self, datasets=None) -> None:
@@ -244,7 +245,7 @@ class Trainer:
         # attention_mask is in the batch only with data.reset_attention_mask.
         out = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
         upcoming = data_iterator.peek()
-        if upcoming is not None and self.cfg.stem.prefetch:
+        if upcoming is not None and self.cfg.stem.prefetch and not self._step_scope_active:
             _unwrap(model).prefetch_stem(upcoming["tokens"])
         poison = self.step in self.poison_steps and model.training
         return out, functools.partial(_loss_func, batch["loss_mask"], poison)
@@ -257,6 +258,11 @@ class Trainer:
         self._check_token_ids(batches)
         model = self.model if len(self.model) > 1 else self.model[0]
         iters = [_Peekable(batches) for _ in self.model] if len(self.model) > 1 else _Peekable(batches)
+        # stem.exchange_scope=step: every chunk's table exchange for the whole step, up front
+        self._step_scope_active = self.cfg.stem.exchange_scope == "step" and not forward_only
+        if self._step_scope_active:
+            for chunk in self.model:
+                _unwrap(chunk).prefetch_stem_step([b["tokens"] for b in batches])
         out = get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=iters, model=model,
             num_microbatches=len(batches), seq_length=self.cfg.model.seq_length,
