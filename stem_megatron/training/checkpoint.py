@@ -144,6 +144,12 @@ def read_meta(ckpt_dir: str) -> dict:
     return meta
 
 
+def weights_only(meta: dict) -> bool:
+    """A checkpoint of weights without optimizer state (`stem-import`): model keys and table
+    `weight`s only; a run loading it starts its optimizers fresh (step 0, zero moments)."""
+    return meta.get("dense_optimizer", "plain") is None
+
+
 def check_compatible(cfg: ExperimentConfig, meta: dict, saved: ExperimentConfig, ckpt_dir: str, bf16: bool) -> list[str]:
     """Raise CheckpointError (one line) if `cfg` cannot continue from this checkpoint.
 
@@ -159,7 +165,9 @@ def check_compatible(cfg: ExperimentConfig, meta: dict, saved: ExperimentConfig,
             fail(f"saved with model.{name}={a}, this run has {b}")
     if saved.stem_layers != cfg.stem_layers:
         fail(f"saved with STEM layers {saved.stem_layers}, this run has {cfg.stem_layers}")
-    if meta["layout"]["use_distributed_optimizer"] != cfg.parallel.use_distributed_optimizer:
+    if weights_only(meta):
+        pass  # no optimizer state to match: any optimizer starts fresh from the weights
+    elif meta["layout"]["use_distributed_optimizer"] != cfg.parallel.use_distributed_optimizer:
         fail(f"saved with parallel.use_distributed_optimizer={meta['layout']['use_distributed_optimizer']}, this run "
              f"has {cfg.parallel.use_distributed_optimizer}; the dense optimizer state formats differ")
     if meta["bf16"] != bf16:
@@ -414,8 +422,6 @@ class Checkpointer:
 
     def load(self, trainer, ckpt: str) -> None:
         """Load checkpoint directory `ckpt` into the set-up trainer (any layout). Collective."""
-        from megatron.core import dist_checkpointing
-
         from stem_megatron import compat
 
         t0 = time.perf_counter()
@@ -425,21 +431,10 @@ class Checkpointer:
         notes = _agree(check_compatible, trainer.cfg, meta, saved, ckpt, bool(trainer.bf16))
         compat.apply()
         now = layout_of(trainer.cfg, trainer.info.world_size)
-        hyper = [[{k: g[k] for k in _HYPER_KEYS} for g in opt.param_groups] for opt in _dense_optimizers(trainer.optimizer)]
-        if trainer.cfg.parallel.use_distributed_optimizer:
-            with torch.no_grad():
-                for opt in _dense_optimizers(trainer.optimizer):
-                    if len(opt.optimizer.state) == 0:  # state_dict() needs allocated state and a step
-                        opt._init_optimizer_states_with_dummy_values()
-        request = self._sharded_state_dict(trainer, is_loading=True)
-        with torch.no_grad():
-            loaded = dist_checkpointing.load(request, ckpt, validate_access_integrity=True)
-            for i, chunk in enumerate(trainer.chunks):
-                chunk.load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
-            self._load_dense_optimizer(trainer.optimizer, loaded["optimizer"])
-        self._fix_dense_optimizer(trainer, hyper)
-        if meta["tables"] is not None:
-            _agree(self._load_tables, trainer, ckpt, meta["tables"])
+        if weights_only(meta):
+            self._load_weights_only(trainer, ckpt, meta)
+        else:
+            self._load_full_state(trainer, ckpt, meta)
         trainer.step = int(meta["step"])
         trainer.skipped_steps = int(meta["skipped_steps"])
         trainer.consecutive_skips = int(meta["consecutive_skips"])
@@ -463,6 +458,59 @@ class Checkpointer:
                 "checkpoint: RNG states not restored (saved for another parallel layout); every generator keeps "
                 f"its train.seed={trainer.cfg.train.seed} initialisation"
             )
+
+    def _load_full_state(self, trainer, ckpt: str, meta: dict) -> None:
+        """Dense weights + dense optimizer state (dist_checkpointing) and tables with their moments."""
+        from megatron.core import dist_checkpointing
+
+        hyper = [[{k: g[k] for k in _HYPER_KEYS} for g in opt.param_groups] for opt in _dense_optimizers(trainer.optimizer)]
+        if trainer.cfg.parallel.use_distributed_optimizer:
+            with torch.no_grad():
+                for opt in _dense_optimizers(trainer.optimizer):
+                    if len(opt.optimizer.state) == 0:  # state_dict() needs allocated state and a step
+                        opt._init_optimizer_states_with_dummy_values()
+        request = self._sharded_state_dict(trainer, is_loading=True)
+        with torch.no_grad():
+            loaded = dist_checkpointing.load(request, ckpt, validate_access_integrity=True)
+            for i, chunk in enumerate(trainer.chunks):
+                chunk.load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
+            self._load_dense_optimizer(trainer.optimizer, loaded["optimizer"])
+        self._fix_dense_optimizer(trainer, hyper)
+        if meta["tables"] is not None:
+            _agree(self._load_tables, trainer, ckpt, meta["tables"])
+
+    def _load_weights_only(self, trainer, ckpt: str, meta: dict) -> None:
+        """Model weights and table rows of a weights-only checkpoint; the optimizers keep their fresh
+        state, and the dense optimizer's main copies (bf16, distributed optimizer) are refreshed."""
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        metadata = {**DENSE_METADATA, "dp_cp_group": trainer.dp_group}
+        # Weights only: the modules' `_extra_state` objects (empty for the local spec, FP8 scaling
+        # for Transformer Engine) are not in such a checkpoint and keep their fresh values.
+        request = {f"chunk{i}": extract_matching_values(c.sharded_state_dict(metadata=metadata),
+                                                        lambda v: not isinstance(v, ShardedObject))[0]
+                   for i, c in enumerate(trainer.chunks)}
+        with torch.no_grad():
+            loaded = dist_checkpointing.load(request, ckpt, validate_access_integrity=True)
+            for i, chunk in enumerate(trainer.chunks):
+                missing, unexpected = chunk.load_state_dict(loaded[f"chunk{i}"], strict=False)
+                missing = [k for k in missing if not k.endswith("_extra_state")]
+                if missing or unexpected:
+                    raise CheckpointError(f"checkpoint {ckpt}: weights-only load: missing {missing[:3]}, "
+                                          f"unexpected {unexpected[:3]}")
+        trainer.optimizer.reload_model_params()
+        if meta["tables"] is not None:
+            def read():
+                reader = TableReader(ckpt, meta["tables"])
+                for e in trainer.engines:
+                    target = TableTarget(e.global_rows(), e.layout.col_start, e.layout.cols_local)
+                    for slot, layer in enumerate(e.layout.layer_ids):
+                        with torch.no_grad():
+                            e.weight[:, slot].copy_(reader.read_layer(layer, target, kinds=("weight",))[0]["weight"])
+                    e.mark_updated()
+            _agree(read)
 
     @staticmethod
     def _load_dense_optimizer(optimizer, state: dict) -> None:
