@@ -5,7 +5,8 @@
 Writes `config.json` (Llama fields plus `stem_layers`, `stem_table_vocab_size`, and `auto_map`
 naming the two model files below), `model.safetensors` (Hugging Face Llama parameter names plus
 `model.layers.{i}.mlp.stem_table.weight` [vocab, ffn] for every STEM layer), the model files
-`configuration_stem.py` + `modeling_stem.py` (from `stem_megatron/hf/`), the tokenizer files the
+`configuration_stem.py` + `modeling_stem.py` (from `stem_megatron/hf/`), `generation_config.json`
+(generate() never picks vocabulary padding ids), the tokenizer files the
 checkpoint carries (or `--tokenizer PATH`) and their Hugging Face form (`tokenizer.json`,
 `tokenizer_config.json`). So `transformers.AutoModelForCausalLM.from_pretrained(dir,
 trust_remote_code=True)` and `AutoTokenizer.from_pretrained(dir)` load it (docs/interop.md);
@@ -213,12 +214,14 @@ def export(ckpt_path: str, output: str, dtype: str = "float32", tokenizer: str |
 
         tok_info = _copy_tokenizer(tok[0], tmp, tok[1])
         special_ids = write_hf_tokenizer(tok[0], tok[1], tmp, max_length=cfg.model.seq_length)
-    from stem_megatron.hf import copy_model_files
+    from stem_megatron.hf import copy_model_files, generation_config
 
     copy_model_files(tmp)
+    rows = state["model.embed_tokens.weight"].shape[0]
     with open(os.path.join(tmp, CONFIG_JSON), "w") as f:
-        json.dump(hf_config(cfg, meta, dtype, tok_info, state["model.embed_tokens.weight"].shape[0], special_ids),
-                  f, indent=2)
+        json.dump(hf_config(cfg, meta, dtype, tok_info, rows, special_ids), f, indent=2)
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+        json.dump(generation_config(rows, cfg.model.vocab_size, special_ids), f, indent=2)
     if os.path.isdir(output):
         os.rmdir(output)  # empty (checked above)
     os.rename(tmp, output)

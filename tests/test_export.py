@@ -15,8 +15,10 @@ import torch
 from stem_megatron.testing.distributed import run_distributed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
-LAYOUTS = {"tied": dict(tp=2, tie_embeddings=True), "untied": dict(tp=2, tie_embeddings=False),
-           "pp2": dict(pp=2, tie_embeddings=True)}
+# vocabulary 320 >= the tiny tiktoken's 270 ids (lm-eval feeds it real text); padded to 384 at TP2
+LAYOUTS = {"tied": dict(tp=2, tie_embeddings=True, vocab_size=320),
+           "untied": dict(tp=2, tie_embeddings=False, vocab_size=320),
+           "pp2": dict(pp=2, tie_embeddings=True, vocab_size=320)}
 
 
 def _train_and_save(rank, world_size, root, tokenizer):
@@ -82,11 +84,12 @@ def test_exported_model_gives_the_megatron_logits(saved, name):
 
     root, out = saved
     dest = root / f"hf_{name}"
-    assert sorted(os.listdir(dest)) == ["config.json", "configuration_stem.py", "model.safetensors",
+    assert sorted(os.listdir(dest)) == ["config.json", "configuration_stem.py", "generation_config.json",
+                                        "model.safetensors",
                                         "modeling_stem.py", "tiny.tiktoken", "tokenizer.json",
                                         "tokenizer_config.json"]
     config = json.loads((dest / "config.json").read_text())
-    assert config["stem_layers"] == [1, 2] and config["vocab_size"] == 256 and config["stem_table_vocab_size"] == 256
+    assert config["stem_layers"] == [1, 2] and config["vocab_size"] == 384 and config["stem_table_vocab_size"] == 320
     assert config["tie_word_embeddings"] is (name == "tied")
     assert config["stem_tokenizer"] == {"kind": "tiktoken", "files": ["tiny.tiktoken"]}
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_stem.StemLlamaForCausalLM"
@@ -149,8 +152,9 @@ def test_generate_with_the_kv_cache_equals_full_forwards_and_bf16_loads(saved):
         generated = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=True,
                                    eos_token_id=None, pad_token_id=0)
         ids = prompt
-        for _ in range(10):
-            ids = torch.cat([ids, model(input_ids=ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+        for _ in range(10):  # real tokens only: generation_config.json suppresses the padding ids 320..383
+            logits = model(input_ids=ids, use_cache=False).logits[:, -1:, :320]
+            ids = torch.cat([ids, logits.argmax(-1)], dim=1)
     assert torch.equal(generated, ids)
     bf16 = _auto_model(root / "hf_untied", dtype=torch.bfloat16)
     assert bf16.model.layers[1].mlp.stem_table.weight.dtype == torch.bfloat16
@@ -174,6 +178,42 @@ def test_autotokenizer_loads_the_export(saved):
         if "<|endoftext|>" not in doc:  # transformers encodes a special token's spelling as the token
             assert ids == ours.encode(doc)
     assert hf.eos_token_id == ours.eod == json.loads((root / "hf_tied" / "config.json").read_text())["eos_token_id"]
+
+
+def test_lm_eval_loglikelihoods_equal_the_projects(saved, tmp_path):
+    import subprocess
+    import sys
+
+    from fixtures.tiny_tokenizers import corpus
+
+    from stem_megatron.data.tokenizer import load_tokenizer
+    from stem_megatron.export import load_exported
+    from stem_megatron.hf.lm_eval_task import TASK, continuation_logprobs, make_items, write_task
+
+    root, _ = saved
+    export = root / "hf_untied"
+    model, tok = load_exported(str(export)), load_tokenizer(str(export / "tiny.tiktoken"))
+    # items that fit the model's 16 positions, so lm-eval truncates nothing
+    items = [it for it in make_items(corpus(80, seed=4), 80, context_words=2, continuation_words=1, seed=1)
+             if max(len(tok.encode(it["context"] + " " + c)) for c in it["choices"]) <= 16][:6]
+    assert len(items) >= 4
+    write_task(str(tmp_path / "task"), items)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={export},trust_remote_code=True",
+         "--include_path", str(tmp_path / "task"), "--tasks", TASK, "--device", "cpu", "--batch_size", "4",
+         "--log_samples", "--output_path", str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (samples,) = (tmp_path / "out").rglob(f"samples_{TASK}_*.jsonl")
+    records = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(records) == len(items)
+    for rec in records:
+        doc = rec["doc"]
+        got = [float(r[0]) for r in rec["filtered_resps"]]
+        want = continuation_logprobs(model, tok, doc["context"], [" " + c for c in doc["choices"]])
+        assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-4 * max(1.0, max(abs(b) for b in want)), (got, want)
 
 
 def test_export_refuses_bad_input(saved, tmp_path, capsys):

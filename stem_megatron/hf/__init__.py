@@ -23,3 +23,14 @@ def copy_model_files(out_dir: str) -> list[str]:
     for name in MODEL_FILES:
         shutil.copyfile(os.path.join(HERE, name), os.path.join(out_dir, name))
     return list(MODEL_FILES)
+
+
+def generation_config(vocab_rows: int, table_vocab: int, special_ids: dict | None) -> dict:
+    """generation_config.json: generate() never picks megatron's vocabulary padding ids.
+
+    The embedding and output layer keep the padded rows (logits equal megatron's column for
+    column), but ids >= the table vocabulary are no tokens and have no STEM table rows.
+    """
+    out = {"suppress_tokens": list(range(table_vocab, vocab_rows)) or None}
+    out.update({k: v for k, v in (special_ids or {}).items() if v is not None})
+    return out
