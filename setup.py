@@ -24,13 +24,19 @@ setup(
         # GPU clusters / NGC containers. `apex` here means NVIDIA's apex, which is not on PyPI
         # (build it from its repository); never the unrelated PyPI package named `apex`.
         "te": ["transformer-engine[pytorch]>=1.9"],
-        "dev": ["pytest>=8", "ruff>=0.5"],
+        # Hugging Face interop (docs/interop.md): exports that transformers loads, stem-import.
+        "hf": ["transformers>=5.0,<6"],
+        # lm-eval-harness on exports (its `hf` model needs transformers + accelerate).
+        "eval": ["lm-eval[hf]>=0.4.9,<0.5", "transformers>=5.0,<6"],
+        # The default test suite covers the interop, so dev installs both.
+        "dev": ["pytest>=8", "ruff>=0.5", "transformers>=5.0,<6", "lm-eval[hf]>=0.4.9,<0.5"],
     },
     entry_points={
         "console_scripts": [
             "stem-train=stem_megatron.train:main",
             "stem-reshard=stem_megatron.reshard:main",
             "stem-export=stem_megatron.export:main",
+            "stem-import=stem_megatron.hf_import:main",
             "stem-preprocess=data_tools.preprocess:main",
             "stem-train-tokenizer=data_tools.train_tokenizer:main",
             "stem-sample-data=data_tools.sample_corpus:main",
