@@ -2,8 +2,8 @@
 untied, sharded files) become weights-only checkpoints. Without STEM layers the megatron model
 loaded from them at TP1 (DP4) and at TP2 x PP2 gives transformers' logits; with STEM layers and
 `--table-init up_proj` the tables equal W_up . RMSNorm(emb) computed with transformers' own
-modules, and training started from the import runs with a falling loss. Bad inputs: one line,
-exit 2, nothing written.
+modules, and training started from the import runs with a falling loss; import then export gives
+transformers the original logits back. Bad inputs: one line, exit 2, nothing written.
 """
 
 import json
@@ -204,3 +204,19 @@ def test_bad_inputs_give_one_line_and_write_nothing(imported, tmp_path, capsys):
     assert _import(bad, _tiny(True), tmp_path / "out") == 2
     assert "neither model.safetensors nor" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_import_then_export_round_trips_to_transformers(imported, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from stem_megatron.export import main
+    from stem_megatron.testing.models import make_batches
+
+    root, want, _ = imported
+    assert main(["--checkpoint", str(root / "ck_untied"), "--output", str(tmp_path / "hf")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
+    assert type(model).__name__ == "StemLlamaForCausalLM" and model.config.stem_layers == []
+    with torch.no_grad():
+        for batch, b in zip(make_batches(_tiny(False), 2, seed=5), want["untied"]):
+            a = model(input_ids=batch["tokens"]).logits
+            assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-6
