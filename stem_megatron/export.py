@@ -206,22 +206,26 @@ def export(ckpt_path: str, output: str, dtype: str = "float32", tokenizer: str |
     tmp = os.path.join(parent, f".tmp-{os.path.basename(os.path.abspath(output))}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file({k: v.to(torch_dtype) for k, v in state.items()}, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
-    os.chmod(os.path.join(tmp, WEIGHTS), 0o644)
-    tok_info, special_ids = None, None
-    if tok:
-        from stem_megatron.hf.tokenizer_files import write_hf_tokenizer
+    try:  # a failure (e.g. a tokenizer that does not convert) leaves nothing behind
+        save_file({k: v.to(torch_dtype) for k, v in state.items()}, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+        os.chmod(os.path.join(tmp, WEIGHTS), 0o644)
+        tok_info, special_ids = None, None
+        if tok:
+            from stem_megatron.hf.tokenizer_files import write_hf_tokenizer
 
-        tok_info = _copy_tokenizer(tok[0], tmp, tok[1])
-        special_ids = write_hf_tokenizer(tok[0], tok[1], tmp, max_length=cfg.model.seq_length)
-    from stem_megatron.hf import copy_model_files, generation_config
+            tok_info = _copy_tokenizer(tok[0], tmp, tok[1])
+            special_ids = write_hf_tokenizer(tok[0], tok[1], tmp, max_length=cfg.model.seq_length)
+        from stem_megatron.hf import copy_model_files, generation_config
 
-    copy_model_files(tmp)
-    rows = state["model.embed_tokens.weight"].shape[0]
-    with open(os.path.join(tmp, CONFIG_JSON), "w") as f:
-        json.dump(hf_config(cfg, meta, dtype, tok_info, rows, special_ids), f, indent=2)
-    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-        json.dump(generation_config(rows, cfg.model.vocab_size, special_ids), f, indent=2)
+        copy_model_files(tmp)
+        rows = state["model.embed_tokens.weight"].shape[0]
+        with open(os.path.join(tmp, CONFIG_JSON), "w") as f:
+            json.dump(hf_config(cfg, meta, dtype, tok_info, rows, special_ids), f, indent=2)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump(generation_config(rows, cfg.model.vocab_size, special_ids), f, indent=2)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.isdir(output):
         os.rmdir(output)  # empty (checked above)
     os.rename(tmp, output)

@@ -7,7 +7,6 @@ transformers encodes as that token), and the end-of-document token is the projec
 import os
 
 import pytest
-
 from fixtures.tiny_tokenizers import DOCUMENTS, corpus, make_tokenizers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
