@@ -51,7 +51,9 @@ def _train_and_save(rank, world_size, root, tokenizer):
         batches = make_batches(cfg, 2, seed=5)
         logits = pipeline_logits(trainer.chunks, cfg, batches)
         if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
-            out[name] = ([b["tokens"] for b in batches], logits)  # the last stage's TP rank 0
+            # the last stage's TP rank 0; numpy arrays pickle by value (a torch tensor would be passed
+            # as a file descriptor of this process, which may have exited when the parent reads it)
+            out[name] = ([b["tokens"].numpy() for b in batches], [t.numpy() for t in logits])
         parallel_state.destroy_model_parallel()
     return out
 
@@ -63,7 +65,8 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     tokenizer = make_tiktoken(str(root))
     per_rank = run_distributed(_train_and_save, world_size=2, args=(str(root), tokenizer), timeout=400)
-    out = {k: v for r in per_rank for k, v in r.items()}
+    out = {k: ([torch.from_numpy(a) for a in tokens], [torch.from_numpy(a) for a in logits])
+           for r in per_rank for k, (tokens, logits) in r.items()}
     assert sorted(out) == sorted(LAYOUTS)
     for name in LAYOUTS:
         from stem_megatron.export import main
