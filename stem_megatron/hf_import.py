@@ -47,6 +47,15 @@ class HFImportError(ValueError):
     """The Hugging Face checkpoint cannot become a checkpoint of this config; one-line message."""
 
 
+def _checkpoint_api():
+    """The checkpoint-format functions the importer writes with, imported in this one place (their
+    modules may move): (checkpoint_format module, table_io module, use_in_process_write_results)."""
+    from stem_megatron.training import checkpoint_format, table_io
+    from stem_megatron.training.checkpoint import use_in_process_write_results
+
+    return checkpoint_format, table_io, use_in_process_write_results
+
+
 # ------------------------------------------------------------------------------ reading the HF side
 class HFCheckpoint:
     """A Hugging Face model directory: its config and lazily read tensors (one at a time)."""
@@ -242,8 +251,8 @@ def _save_dense(state: dict, ckpt_dir: str) -> None:
 
     from stem_megatron import compat
     from stem_megatron.export import single_process_group
-    from stem_megatron.training.checkpoint import use_in_process_write_results
 
+    _, _, use_in_process_write_results = _checkpoint_api()
     compat.apply()
     use_in_process_write_results()
     sharded = {k: ShardedTensor.from_rank_offsets(k, t, replica_id=0) for k, t in state.items()}
@@ -253,9 +262,8 @@ def _save_dense(state: dict, ckpt_dir: str) -> None:
 
 def _write_tables(hf: HFCheckpoint, cfg, ckpt_dir: str, table_init: str) -> dict | None:
     """One table file, all rows and columns, weights (+ zero update counters) of every STEM layer."""
-    from stem_megatron.training import checkpoint_format as fmt
-    from stem_megatron.training.table_io import LazyTensor, write_table_file
-
+    fmt, table_io, _ = _checkpoint_api()
+    LazyTensor, write_table_file = table_io.LazyTensor, table_io.write_table_file
     m, layers = cfg.model, cfg.stem_layers
     if not layers:
         return None
@@ -279,8 +287,8 @@ def _write_tables(hf: HFCheckpoint, cfg, ckpt_dir: str, table_init: str) -> dict
 def _copy_tokenizer(cfg, hf: HFCheckpoint, ckpt_dir: str) -> dict | None:
     """The config's tokenizer if it exists, else the Hugging Face directory's tokenizer.json."""
     from stem_megatron.data.tokenizer import detect_kind
-    from stem_megatron.training import checkpoint_format as fmt
 
+    fmt, _, _ = _checkpoint_api()
     src, kind = cfg.data.tokenizer, cfg.data.tokenizer_type
     if not (src and os.path.exists(src)):
         src, kind = os.path.join(hf.path, "tokenizer.json"), "huggingface"
@@ -300,8 +308,7 @@ def import_hf(hf_dir: str, cfg, output: str, table_init: str = "up_proj") -> str
     """Write the weights-only checkpoint; returns its step directory. Nothing is left on failure."""
     import megatron.core
 
-    from stem_megatron.training import checkpoint_format as fmt
-
+    fmt, _, _ = _checkpoint_api()
     if table_init not in ("up_proj", "random"):
         raise HFImportError(f"--table-init {table_init}: expected up_proj or random")
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
