@@ -25,7 +25,12 @@ setup(
         # (build it from its repository); never the unrelated PyPI package named `apex`.
         "te": ["transformer-engine[pytorch]>=1.9"],
         "plot": ["matplotlib>=3.7"],  # PNGs: stem-eval niah heatmap, benchmarks.scale_model
-        "dev": ["pytest>=8", "ruff>=0.5", "matplotlib>=3.7"],  # `make setup` installs dev: the tests draw PNGs
+        # Hugging Face interop (docs/interop.md): exports that transformers loads, stem-import.
+        "hf": ["transformers>=5.0,<6"],
+        # lm-eval-harness on exports (its `hf` model needs transformers + accelerate).
+        "eval": ["lm-eval[hf]>=0.4.9,<0.5", "transformers>=5.0,<6"],
+        # `make setup` installs dev: the default suite covers interop, lm-eval and the PNG writers.
+        "dev": ["pytest>=8", "ruff>=0.5", "matplotlib>=3.7", "transformers>=5.0,<6", "lm-eval[hf]>=0.4.9,<0.5"],
     },
     entry_points={
         "console_scripts": [
@@ -34,6 +39,7 @@ setup(
             "stem-export=stem_megatron.export:main",
             "stem-eval=stem_megatron.inference.eval_cli:main",
             "stem-generate=stem_megatron.inference.generate:main",
+            "stem-import=stem_megatron.hf_import:main",
             "stem-preprocess=data_tools.preprocess:main",
             "stem-merge=data_tools.merge:main",
             "stem-train-tokenizer=data_tools.train_tokenizer:main",

@@ -2,11 +2,16 @@
 
     stem-export --checkpoint runs/x/checkpoints --output exported/x [--dtype bfloat16]
 
-Writes `config.json` (Llama fields plus `stem_layers`, `stem_table_vocab_size`),
-`model.safetensors` (Hugging Face Llama parameter names plus
-`model.layers.{i}.mlp.stem_table.weight` [vocab, ffn] for every STEM layer) and the tokenizer
-files the checkpoint carries (or `--tokenizer PATH`). `load_exported(dir)` builds the
-plain-PyTorch `ReferenceStemLM` from it; its logits equal the megatron model's.
+Writes `config.json` (Llama fields plus `stem_layers`, `stem_table_vocab_size`, and `auto_map`
+naming the two model files below), `model.safetensors` (Hugging Face Llama parameter names plus
+`model.layers.{i}.mlp.stem_table.weight` [vocab, ffn] for every STEM layer), the model files
+`configuration_stem.py` + `modeling_stem.py` (from `stem_megatron/hf/`), `generation_config.json`
+(generate() never picks vocabulary padding ids), the tokenizer files the
+checkpoint carries (or `--tokenizer PATH`) and their Hugging Face form (`tokenizer.json`,
+`tokenizer_config.json`). So `transformers.AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)` and `AutoTokenizer.from_pretrained(dir)` load it (docs/interop.md);
+`load_exported(dir)` builds the plain-PyTorch `ReferenceStemLM` without transformers. Both
+give the megatron model's logits.
 
 The embedding and output layer keep megatron's padded vocabulary (`vocab_size` in config.json;
 the rows past the tokenizer's vocabulary are padding), so the logits are identical, padding
@@ -106,11 +111,15 @@ def full_tables(ckpt: str, meta: dict) -> dict[int, torch.Tensor]:
     return {layer: reader.read_layer(layer, target, kinds=("weight",))[0]["weight"] for layer in reader.layers}
 
 
-def hf_config(cfg, meta: dict, dtype: str, tokenizer: dict | None, vocab_rows: int) -> dict:
+def hf_config(cfg, meta: dict, dtype: str, tokenizer: dict | None, vocab_rows: int,
+              special_ids: dict | None = None) -> dict:
+    from stem_megatron.hf import AUTO_MAP
+
     m = cfg.model
     return {
         "architectures": ["StemLlamaForCausalLM"],
         "model_type": "stem_llama",
+        "auto_map": AUTO_MAP,
         "vocab_size": vocab_rows,
         "hidden_size": m.hidden_size,
         "intermediate_size": m.ffn_hidden_size,
@@ -121,11 +130,13 @@ def hf_config(cfg, meta: dict, dtype: str, tokenizer: dict | None, vocab_rows: i
         "hidden_act": "silu",
         "rms_norm_eps": m.norm_epsilon,
         "rope_theta": m.rotary_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rotary_base},
         "max_position_embeddings": m.seq_length,
         "tie_word_embeddings": m.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
         "torch_dtype": dtype,
+        **(special_ids or {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}),
         "stem_layers": cfg.stem_layers,
         "stem_table_vocab_size": m.vocab_size,
         "stem_tokenizer": tokenizer,
@@ -209,11 +220,26 @@ def export(ckpt_path: str, output: str, dtype: str = "float32", tokenizer: str |
     tmp = os.path.join(parent, f".tmp-{os.path.basename(os.path.abspath(output))}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file({k: v.to(torch_dtype) for k, v in state.items()}, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
-    os.chmod(os.path.join(tmp, WEIGHTS), 0o644)
-    tok_info = _copy_tokenizer(tok[0], tmp, tok[1]) if tok else None
-    with open(os.path.join(tmp, CONFIG_JSON), "w") as f:
-        json.dump(hf_config(cfg, meta, dtype, tok_info, state["model.embed_tokens.weight"].shape[0]), f, indent=2)
+    try:  # a failure (e.g. a tokenizer that does not convert) leaves nothing behind
+        save_file({k: v.to(torch_dtype) for k, v in state.items()}, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+        os.chmod(os.path.join(tmp, WEIGHTS), 0o644)
+        tok_info, special_ids = None, None
+        if tok:
+            from stem_megatron.hf.tokenizer_files import write_hf_tokenizer
+
+            tok_info = _copy_tokenizer(tok[0], tmp, tok[1])
+            special_ids = write_hf_tokenizer(tok[0], tok[1], tmp, max_length=cfg.model.seq_length)
+        from stem_megatron.hf import copy_model_files, generation_config
+
+        copy_model_files(tmp)
+        rows = state["model.embed_tokens.weight"].shape[0]
+        with open(os.path.join(tmp, CONFIG_JSON), "w") as f:
+            json.dump(hf_config(cfg, meta, dtype, tok_info, rows, special_ids), f, indent=2)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump(generation_config(rows, cfg.model.vocab_size, special_ids), f, indent=2)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.isdir(output):
         os.rmdir(output)  # empty (checked above)
     os.rename(tmp, output)

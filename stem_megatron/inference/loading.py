@@ -78,8 +78,8 @@ def describe(path: str) -> LoadedModel:
             config = json.load(f)
         return LoadedModel(None, _export_tokenizer(path, config), int(config["max_position_embeddings"]), "export",
                            path)
-    from stem_megatron.training.checkpoint_meta import read_meta, saved_config
     from stem_megatron.training.checkpoint_format import CheckpointError
+    from stem_megatron.training.checkpoint_meta import read_meta, saved_config
 
     ckpt = resolve_checkpoint(path)
     try:
@@ -102,8 +102,8 @@ def load_model(path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         return info
 
     from stem_megatron.export import hf_config, read_checkpoint, reference_from_config
-    from stem_megatron.training.checkpoint_format import CheckpointError
     from stem_megatron.stem.table_io import TableFormatError
+    from stem_megatron.training.checkpoint_format import CheckpointError
 
     try:
         ckpt, meta, cfg, state = read_checkpoint(info.path)

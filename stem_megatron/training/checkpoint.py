@@ -30,6 +30,7 @@ import torch
 
 from stem_megatron.config import CheckpointConfig
 from stem_megatron.stem.table_io import (
+    KINDS,
     TableReader,
     TableTarget,
     engine_file_tensors,
@@ -47,6 +48,7 @@ from stem_megatron.training.checkpoint_meta import (
     layout_of,
     read_meta,
     saved_config,
+    weights_only,
     write_meta,
 )
 
@@ -176,9 +178,13 @@ class Checkpointer:
         saved = agree(saved_config, ckpt)
         notes = agree(check_compatible, trainer.cfg, meta, saved, ckpt, bool(trainer.bf16))
         now = layout_of(trainer.cfg, trainer.info.world_size)
-        dense.load(trainer, ckpt)
+        if weights_only(meta):
+            dense.load_weights_only(trainer, ckpt)
+        else:
+            dense.load(trainer, ckpt)
         if meta["tables"] is not None:
-            agree(self._load_tables, trainer, ckpt, meta["tables"])
+            kinds = ("weight",) if weights_only(meta) else KINDS
+            agree(self._load_tables, trainer, ckpt, meta["tables"], kinds)
         trainer.step = int(meta["step"])
         trainer.skipped_steps = int(meta["skipped_steps"])
         trainer.consecutive_skips = int(meta["consecutive_skips"])
@@ -202,16 +208,22 @@ class Checkpointer:
             )
 
     @staticmethod
-    def _load_tables(trainer, ckpt: str, index: dict) -> None:
+    def _load_tables(trainer, ckpt: str, index: dict, kinds=KINDS) -> None:
+        """Table rows (and, with every kind, their AdamW moments and per-row steps) at this layout.
+
+        A weights-only checkpoint (`stem-import`) has `weight` alone: the table optimizer keeps its
+        fresh state (zero moments, step 0)."""
         reader = TableReader(ckpt, index)
         for e, st in zip(trainer.engines, trainer.table_optimizer.state):
             lay = e.layout
             target = TableTarget(e.global_rows(), lay.col_start, lay.cols_local)
             steps = None
             for slot, layer in enumerate(lay.layer_ids):
-                out, step = reader.read_layer(layer, target)
+                out, step = reader.read_layer(layer, target, kinds=kinds)
                 with torch.no_grad():
                     e.weight[:, slot].copy_(out["weight"])
+                    if "exp_avg" not in out:
+                        continue
                     st["exp_avg"][:, slot].copy_(out["exp_avg"])
                     st["exp_avg_sq"][:, slot].copy_(out["exp_avg_sq"])
                 if steps is None:
@@ -221,5 +233,6 @@ class Checkpointer:
                         f"checkpoint {ckpt}: STEM layers {lay.layer_ids[0]} and {layer} have different per-row update "
                         "counts; they cannot share one engine"
                     )
-            st["step"].copy_(steps)
+            if steps is not None:
+                st["step"].copy_(steps)
             e.mark_updated()

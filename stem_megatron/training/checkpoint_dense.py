@@ -150,6 +150,33 @@ def load(trainer, ckpt_dir: str) -> None:
     _fix_dense_optimizer(trainer, hyper)
 
 
+def load_weights_only(trainer, ckpt_dir: str) -> None:
+    """Model weights of a weights-only checkpoint (`stem-import`); the dense optimizer keeps its fresh
+    state and its main copies (bf16, distributed optimizer) are refreshed from the loaded weights."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from stem_megatron import compat
+
+    compat.apply()
+    metadata = {**DENSE_METADATA, "dp_cp_group": trainer.dp_group}
+    # Weights only: the modules' `_extra_state` objects (empty for the local spec, FP8 scaling for
+    # Transformer Engine) are not in such a checkpoint and keep their fresh values.
+    request = {f"chunk{i}": extract_matching_values(c.sharded_state_dict(metadata=metadata),
+                                                    lambda v: not isinstance(v, ShardedObject))[0]
+               for i, c in enumerate(trainer.chunks)}
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(request, ckpt_dir, validate_access_integrity=True)
+        for i, chunk in enumerate(trainer.chunks):
+            missing, unexpected = chunk.load_state_dict(loaded[f"chunk{i}"], strict=False)
+            missing = [k for k in missing if not k.endswith("_extra_state")]
+            if missing or unexpected:
+                raise CheckpointError(f"checkpoint {ckpt_dir}: weights-only load: missing {missing[:3]}, "
+                                      f"unexpected {unexpected[:3]}")
+    trainer.optimizer.reload_model_params()
+
+
 def _load_dense_optimizer(optimizer, state: dict) -> None:
     """megatron's optimizer load, with the torch-AdamW `step` kept out of the fully_reshardable path.
 

@@ -63,6 +63,12 @@ def read_meta(ckpt_dir: str) -> dict:
     return meta
 
 
+def weights_only(meta: dict) -> bool:
+    """A checkpoint of weights without optimizer state (`stem-import`): model keys and table
+    `weight`s only; a run loading it starts its optimizers fresh (step 0, zero moments)."""
+    return meta.get("dense_optimizer", "plain") is None
+
+
 def check_compatible(cfg: ExperimentConfig, meta: dict, saved: ExperimentConfig, ckpt_dir: str, bf16: bool) -> list[str]:
     """Raise CheckpointError (one line) if `cfg` cannot continue from this checkpoint.
 
@@ -78,7 +84,9 @@ def check_compatible(cfg: ExperimentConfig, meta: dict, saved: ExperimentConfig,
             fail(f"saved with model.{name}={a}, this run has {b}")
     if saved.stem_layers != cfg.stem_layers:
         fail(f"saved with STEM layers {saved.stem_layers}, this run has {cfg.stem_layers}")
-    if meta["layout"]["use_distributed_optimizer"] != cfg.parallel.use_distributed_optimizer:
+    if weights_only(meta):
+        pass  # no optimizer state to match: any optimizer starts fresh from the weights
+    elif meta["layout"]["use_distributed_optimizer"] != cfg.parallel.use_distributed_optimizer:
         fail(f"saved with parallel.use_distributed_optimizer={meta['layout']['use_distributed_optimizer']}, this run "
              f"has {cfg.parallel.use_distributed_optimizer}; the dense optimizer state formats differ")
     if meta["bf16"] != bf16:
