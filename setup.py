@@ -24,13 +24,16 @@ setup(
         # GPU clusters / NGC containers. `apex` here means NVIDIA's apex, which is not on PyPI
         # (build it from its repository); never the unrelated PyPI package named `apex`.
         "te": ["transformer-engine[pytorch]>=1.9"],
-        "dev": ["pytest>=8", "ruff>=0.5"],
+        "plot": ["matplotlib>=3.7"],  # stem-analyze's figures
+        "dev": ["pytest>=8", "ruff>=0.5", "matplotlib>=3.7"],  # dev includes plot: the tests draw figures
     },
     entry_points={
         "console_scripts": [
             "stem-train=stem_megatron.train:main",
             "stem-reshard=stem_megatron.reshard:main",
             "stem-export=stem_megatron.export:main",
+            "stem-edit=stem_megatron.edit_cli:main",
+            "stem-analyze=stem_megatron.analyze_cli:main",
             "stem-preprocess=data_tools.preprocess:main",
             "stem-train-tokenizer=data_tools.train_tokenizer:main",
             "stem-sample-data=data_tools.sample_corpus:main",
