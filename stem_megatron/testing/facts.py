@@ -7,7 +7,7 @@ and the rate at which editing country A's STEM rows into country B's flips the a
     report = flip_rates(model, world, tok)      # {mode: {"rate", "n", by length class}, "kept": ...}
 
 The corpus states each country's capital in six sentence templates (plus a language fact and a
-filler sentence), one to three sentences per training sequence. The evaluation prompts are the
+filler sentence), one or two sentences per training sequence. The evaluation prompts are the
 first two templates cut before the capital ("The capital of Zorvania is"). An edit A -> B replaces
 the rows at A's tokens by B's (stem_megatron.editing, every STEM layer) and counts a flip when the
 greedy next token becomes B's capital. `kept` checks that an edit leaves a prompt about a third
@@ -108,7 +108,7 @@ def _batches(world: FactWorld, tok, seq: int, batch: int, rng: random.Random):
         mask_bs = torch.zeros(batch, seq)
         for row in range(batch):
             ids = [tok.eod]
-            for _ in range(rng.randint(1, 3)):
+            for _ in range(rng.randint(1, 2)):
                 ids += rng.choice(encoded)
             ids = ids[: seq + 1]
             ids_bs[row, : len(ids)] = torch.tensor(ids)
@@ -116,16 +116,24 @@ def _batches(world: FactWorld, tok, seq: int, batch: int, rng: random.Random):
         yield ids_bs[:, :-1], ids_bs[:, 1:], mask_bs
 
 
-def train_fact_model(world: FactWorld, tok, *, steps: int = 600, seed: int = 0, stem_layers=(0, 1, 2),
-                     lr: float = 3e-3, batch: int = 32, seq: int = 40) -> ReferenceStemLM:
-    """Train a tiny ReferenceStemLM on the fact corpus (AdamW, cosine decay); returns it in eval mode."""
+def train_fact_model(world: FactWorld, tok, *, steps: int = 300, seed: int = 0, stem_layers=(0, 1, 2),
+                     lr: float = 1e-2, weight_decay: float = 0.1, batch: int = 32, seq: int = 24) -> ReferenceStemLM:
+    """Train a tiny ReferenceStemLM on the fact corpus (AdamW, cosine decay); returns it in eval mode.
+
+    As in the project's trainer, the tables get no weight decay and the other matrices do.
+    """
     torch.manual_seed(seed)
     vocab = -(-tok.vocab_size // 64) * 64  # padded like megatron's embedding
     model = ReferenceStemLM(fact_model_config(vocab, stem_layers))
-    with torch.no_grad():  # the tables' nn.Embedding default N(0, 1) is far larger than the linears'
+    with torch.no_grad():  # nn.Embedding's default N(0, 1) is far larger than the linears' (and slows learning)
+        model.model.embed_tokens.weight.normal_(0.0, 0.02)
         for layer in stem_layers:
             editing.stem_table(model, layer).normal_(0.0, 0.02)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    tables = {id(editing.stem_table(model, layer)) for layer in stem_layers}
+    decayed = [p for p in model.parameters() if id(p) not in tables and p.dim() == 2]
+    rest = [p for p in model.parameters() if id(p) in tables or p.dim() != 2]
+    opt = torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.1 + 0.45 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     data = _batches(world, tok, seq, batch, random.Random(seed))
     model.train()
@@ -201,19 +209,22 @@ def main() -> None:
     import tempfile
 
     ap = argparse.ArgumentParser(description="train the fact model and print flip rates per mode")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--stem-layers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--weight-decay", type=float, default=0.1)
     args = ap.parse_args()
     for seed in args.seeds:
         world = FactWorld.make(seed)
         with tempfile.TemporaryDirectory() as d:
             tok = world.tokenizer(d)
             t0, c0 = time.time(), time.process_time()
-            model = train_fact_model(world, tok, steps=args.steps, seed=seed, stem_layers=args.stem_layers)
+            model = train_fact_model(world, tok, steps=args.steps, seed=seed, stem_layers=args.stem_layers,
+                                     weight_decay=args.weight_decay)
             t1, c1 = time.time(), time.process_time()
             report = flip_rates(model, world, tok)
-        print(json.dumps({"seed": seed, "stem_layers": args.stem_layers, "final_loss": round(model.final_loss, 4),
+        print(json.dumps({"seed": seed, "stem_layers": args.stem_layers, "weight_decay": args.weight_decay,
+                          "steps": args.steps, "final_loss": round(model.final_loss, 4),
                           "train_s": round(t1 - t0, 1), "train_cpu_s": round(c1 - c0, 1),
                           "eval_s": round(time.time() - t1, 1), "eval_cpu_s": round(time.process_time() - c1, 1)}
                          | report))
