@@ -96,9 +96,11 @@ class FactWorld:
         return load_tokenizer(path)
 
 
-def fact_model_config(vocab_size: int, stem_layers=(0, 1, 2)) -> ReferenceConfig:
-    return ReferenceConfig(vocab_size=vocab_size, hidden_size=64, num_layers=3, num_attention_heads=4,
-                           num_query_groups=2, head_dim=16, ffn_hidden_size=128, stem_layers=list(stem_layers))
+def fact_model_config(vocab_size: int, stem_layers=(0, 1, 2), hidden: int = 64, ffn: int = 128,
+                      tie: bool = True) -> ReferenceConfig:
+    return ReferenceConfig(vocab_size=vocab_size, hidden_size=hidden, num_layers=3, num_attention_heads=4,
+                           num_query_groups=2, head_dim=hidden // 4, ffn_hidden_size=ffn, stem_layers=list(stem_layers),
+                           tie_embeddings=tie)
 
 
 def _batches(world: FactWorld, tok, seq: int, batch: int, rng: random.Random):
@@ -117,16 +119,30 @@ def _batches(world: FactWorld, tok, seq: int, batch: int, rng: random.Random):
 
 
 def train_fact_model(world: FactWorld, tok, *, steps: int = 300, seed: int = 0, stem_layers=(0, 1, 2),
-                     lr: float = 1e-2, weight_decay: float = 0.1, batch: int = 32, seq: int = 24) -> ReferenceStemLM:
+                     lr: float = 1e-2, weight_decay: float = 0.1, batch: int = 32, seq: int = 24,
+                     hidden: int = 64, ffn: int = 128, tie: bool = True, embed_std: float = 0.02,
+                     embed_dropout: float = 0.5) -> ReferenceStemLM:
     """Train a tiny ReferenceStemLM on the fact corpus (AdamW, cosine decay); returns it in eval mode.
 
-    As in the project's trainer, the tables get no weight decay and the other matrices do.
+    As in the project's trainer, the tables get no weight decay and the other matrices do. One CPU
+    thread: the same reductions, so the same model, whatever the machine's core count.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(world, tok, steps, seed, stem_layers, lr, weight_decay, batch, seq, hidden, ffn, tie, embed_std,
+                      embed_dropout)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(world, tok, steps, seed, stem_layers, lr, weight_decay, batch, seq, hidden, ffn, tie, embed_std,
+           embed_dropout):
     torch.manual_seed(seed)
     vocab = -(-tok.vocab_size // 64) * 64  # padded like megatron's embedding
-    model = ReferenceStemLM(fact_model_config(vocab, stem_layers))
+    model = ReferenceStemLM(fact_model_config(vocab, stem_layers, hidden, ffn, tie))
     with torch.no_grad():  # nn.Embedding's default N(0, 1) is far larger than the linears' (and slows learning)
-        model.model.embed_tokens.weight.normal_(0.0, 0.02)
+        model.model.embed_tokens.weight.normal_(0.0, embed_std)
         for layer in stem_layers:
             editing.stem_table(model, layer).normal_(0.0, 0.02)
     tables = {id(editing.stem_table(model, layer)) for layer in stem_layers}
@@ -136,6 +152,11 @@ def train_fact_model(world: FactWorld, tok, *, steps: int = 300, seed: int = 0, 
                             lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.1 + 0.45 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     data = _batches(world, tok, seq, batch, random.Random(seed))
+    # Token-embedding dropout: whole input embeddings zeroed at random positions while training, so a
+    # token's identity must also come from its STEM rows (see docs/editing.md: without it, whether
+    # the facts end up in the tables or in the embedding differs from seed to seed).
+    drop = model.model.embed_tokens.register_forward_hook(
+        lambda mod, inp, out: out * (torch.rand(out.shape[:-1] + (1,)) >= embed_dropout))
     model.train()
     for _ in range(steps):
         ids_bs, labels_bs, mask_bs = next(data)
@@ -146,6 +167,7 @@ def train_fact_model(world: FactWorld, tok, *, steps: int = 300, seed: int = 0, 
         loss.backward()
         opt.step()
         sched.step()
+    drop.remove()
     model.final_loss = loss.item()
     return model.eval()
 
@@ -163,7 +185,8 @@ def flip_rates(model, world: FactWorld, tok, targets_per_country: int = 3, modes
     """Flip rate per mode over (country A, target B) pairs and both prompts; see the module docstring.
 
     one_to_one only applies to names of equal length, so it is measured on those pairs; every other
-    mode on all pairs (its per-length-class rates are in `by_length`).
+    mode on all pairs (its per-length-class rates are in `by_length`). A (pair, prompt) counts only
+    when the unedited model answers that prompt for both A and B (`not_known` counts the others).
     """
     n = len(world.countries)
     layers = list(model.config.stem_layers)
@@ -171,19 +194,21 @@ def flip_rates(model, world: FactWorld, tok, targets_per_country: int = 3, modes
     pairs = [(a, b) for a, b in pairs if a != b]
     cap_ids = [tok.encode(k)[0] for k in world.capitals]
     report: dict = {}
-    correct = [0, 0]
+    knows = {}  # (country, prompt template): the unedited model answers it
     for a in range(n):
         for p in PROMPTS:
-            correct[0] += _next(model, tok.encode(p.format(c=world.countries[a]))) == cap_ids[a]
-            correct[1] += 1
-    report["baseline"] = {"rate": correct[0] / correct[1], "n": correct[1]}
+            knows[a, p] = _next(model, tok.encode(p.format(c=world.countries[a]))) == cap_ids[a]
+    report["baseline"] = {"rate": sum(knows.values()) / len(knows), "n": len(knows)}
     for mode in modes:
-        hits, by_len = [0, 0], {}
+        hits, by_len, unknown = [0, 0], {}, 0
         for a, b in pairs:
             src, tgt = tok.encode(world.countries[a]), tok.encode(world.countries[b])
             if mode == "one_to_one" and len(src) != len(tgt):
                 continue
             for p in PROMPTS:
+                if not (knows[a, p] and knows[b, p]):  # an edit can only flip to a fact the model knows
+                    unknown += 1
+                    continue
                 ids = tok.encode(p.format(c=world.countries[a]))
                 plan = editing.plan_edit(ids, src, tgt, mode)
                 hit = _next(model, ids, editing.row_overrides(model, plan, layers, len(ids))) == cap_ids[b]
@@ -191,7 +216,7 @@ def flip_rates(model, world: FactWorld, tok, targets_per_country: int = 3, modes
                 for acc in (hits, cls):
                     acc[0] += hit
                     acc[1] += 1
-        report[mode] = {"rate": hits[0] / hits[1], "n": hits[1],
+        report[mode] = {"rate": hits[0] / max(hits[1], 1), "n": hits[1], "not_known": unknown,
                         "by_length": {k: round(v[0] / v[1], 3) for k, v in sorted(by_len.items())}}
     kept = [0, 0]
     for a, b in pairs:
@@ -213,6 +238,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--stem-layers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--ffn", type=int, default=128)
+    ap.add_argument("--untied", action="store_true")
+    ap.add_argument("--embed-std", type=float, default=0.02)
+    ap.add_argument("--embed-dropout", type=float, default=0.5)
     args = ap.parse_args()
     for seed in args.seeds:
         world = FactWorld.make(seed)
@@ -220,11 +251,14 @@ def main() -> None:
             tok = world.tokenizer(d)
             t0, c0 = time.time(), time.process_time()
             model = train_fact_model(world, tok, steps=args.steps, seed=seed, stem_layers=args.stem_layers,
-                                     weight_decay=args.weight_decay)
+                                     weight_decay=args.weight_decay, lr=args.lr, hidden=args.hidden, ffn=args.ffn,
+                                     tie=not args.untied, embed_std=args.embed_std, embed_dropout=args.embed_dropout)
             t1, c1 = time.time(), time.process_time()
             report = flip_rates(model, world, tok)
         print(json.dumps({"seed": seed, "stem_layers": args.stem_layers, "weight_decay": args.weight_decay,
-                          "steps": args.steps, "final_loss": round(model.final_loss, 4),
+                          "steps": args.steps, "lr": args.lr, "hidden": args.hidden, "ffn": args.ffn,
+                          "tied": not args.untied, "embed_std": args.embed_std,
+                          "embed_dropout": args.embed_dropout, "final_loss": round(model.final_loss, 4),
                           "train_s": round(t1 - t0, 1), "train_cpu_s": round(c1 - c0, 1),
                           "eval_s": round(time.time() - t1, 1), "eval_cpu_s": round(time.process_time() - c1, 1)}
                          | report))
