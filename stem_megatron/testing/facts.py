@@ -7,8 +7,9 @@ and the rate at which editing country A's STEM rows into country B's flips the a
     report = flip_rates(model, world, tok)      # {mode: {"rate", "n", by length class}, "kept": ...}
 
 The corpus states each country's capital in six sentence templates (plus a language fact and a
-filler sentence), one or two sentences per training sequence. The evaluation prompts are the
-first two templates cut before the capital ("The capital of Zorvania is"). An edit A -> B replaces
+filler sentence), one or two sentences per training sequence; training zeroes whole input embeddings
+at random positions (token-embedding dropout), so token identity also lives in the STEM rows. The
+evaluation prompts are the first two templates cut before the capital ("The capital of Zorvania is"). An edit A -> B replaces
 the rows at A's tokens by B's (stem_megatron.editing, every STEM layer) and counts a flip when the
 greedy next token becomes B's capital. `kept` checks that an edit leaves a prompt about a third
 country C alone ("Zorvania is a country . The capital of Quenor is", A edited, C's capital expected);
