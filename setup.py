@@ -24,7 +24,7 @@ setup(
         # GPU clusters / NGC containers. `apex` here means NVIDIA's apex, which is not on PyPI
         # (build it from its repository); never the unrelated PyPI package named `apex`.
         "te": ["transformer-engine[pytorch]>=1.9"],
-        "plot": ["matplotlib>=3.7"],  # PNGs: stem-eval niah heatmap, benchmarks.scale_model
+        "plot": ["matplotlib>=3.7"],  # PNGs: stem-eval niah heatmap, stem-analyze, benchmarks.scale_model
         # Hugging Face interop (docs/interop.md): exports that transformers loads, stem-import.
         "hf": ["transformers>=5.0,<6"],
         # lm-eval-harness on exports (its `hf` model needs transformers + accelerate).
@@ -40,6 +40,8 @@ setup(
             "stem-eval=stem_megatron.inference.eval_cli:main",
             "stem-generate=stem_megatron.inference.generate:main",
             "stem-import=stem_megatron.hf_import:main",
+            "stem-edit=stem_megatron.edit_cli:main",
+            "stem-analyze=stem_megatron.analyze_cli:main",
             "stem-preprocess=data_tools.preprocess:main",
             "stem-merge=data_tools.merge:main",
             "stem-train-tokenizer=data_tools.train_tokenizer:main",

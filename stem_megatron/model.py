@@ -243,12 +243,18 @@ class StemGPTModel(GPTModel):
         self.stem_engine.fold_before(ctx.lookup)
         return None
 
-    def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
+    def forward(self, input_ids, position_ids, attention_mask, *args, stem_ids=None, **kwargs):
+        """GPTModel.forward; `stem_ids` [b, s] (default `input_ids`) are the ids the STEM tables are
+        read at, so knowledge editing can change the rows without changing the input text."""
         ctx = None
         if self.stem_engine is not None:
             if input_ids is None:
                 raise ValueError("STEM layers need input_ids on every pipeline stage")
-            ctx = StemContext(lookup=self._lookup(input_ids), slot_of_layer=self.stem_slot_of_layer)
+            table_ids = input_ids if stem_ids is None else stem_ids
+            if table_ids.shape != input_ids.shape:
+                raise ValueError(f"stem_ids {tuple(table_ids.shape)} must have the shape of input_ids "
+                                 f"{tuple(input_ids.shape)}")
+            ctx = StemContext(lookup=self._lookup(table_ids), slot_of_layer=self.stem_slot_of_layer)
         self._install(ctx)
         out = super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
         if ctx is not None and torch.is_grad_enabled() and out.requires_grad:

@@ -5,6 +5,12 @@ replace `mlp.up_proj` by `mlp.stem_table` ([V, F]): `down(SiLU(gate(x)) * table[
 Used by the tests as the independent reference for the megatron model, and by export as the
 model class that loads an exported checkpoint.
 
+Knowledge editing (stem_megatron/editing.py) reads the table at other ids than the embedding:
+`forward(ids, stem_ids=...)` looks the STEM rows up at `stem_ids` (default `ids`), and
+`row_overrides={layer: (mask_bs, rows_nf)}` replaces, in STEM layer `layer` (global 0-based index),
+the rows at the positions where the bool mask `[b, s]` is True by `rows_nf` (n = mask.sum(), in
+row-major order of the mask), after the lookup.
+
 Legend: b batch, s sequence, h hidden, n heads, g KV groups, d head dim, f ffn, v vocabulary.
 """
 
@@ -85,8 +91,12 @@ class StemFFN(nn.Module):
         self.stem_table = nn.Embedding(c.table_vocab_size or c.vocab_size, c.ffn_hidden_size)
         self.down_proj = nn.Linear(c.ffn_hidden_size, c.hidden_size, bias=False)
 
-    def forward(self, x_bsh, ids_bs):
-        return self.down_proj(F.silu(self.gate_proj(x_bsh)) * self.stem_table(ids_bs))
+    def forward(self, x_bsh, ids_bs, override=None):
+        rows_bsf = self.stem_table(ids_bs)
+        if override is not None:
+            mask_bs, rows_nf = override
+            rows_bsf = rows_bsf.masked_scatter(mask_bs.unsqueeze(-1), rows_nf.to(rows_bsf.dtype))
+        return self.down_proj(F.silu(self.gate_proj(x_bsh)) * rows_bsf)
 
 
 class Block(nn.Module):
@@ -97,9 +107,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, eps=c.norm_epsilon)
         self.mlp = StemFFN(c) if stem else SwiGLU(c)
 
-    def forward(self, x_bsh, ids_bs, cos_sd, sin_sd):
+    def forward(self, x_bsh, ids_bs, cos_sd, sin_sd, override=None):
         x_bsh = x_bsh + self.self_attn(self.input_layernorm(x_bsh), cos_sd, sin_sd)
-        return x_bsh + self.mlp(self.post_attention_layernorm(x_bsh), ids_bs)
+        if override is None:
+            return x_bsh + self.mlp(self.post_attention_layernorm(x_bsh), ids_bs)
+        return x_bsh + self.mlp(self.post_attention_layernorm(x_bsh), ids_bs, override)
 
 
 class Backbone(nn.Module):
@@ -112,7 +124,10 @@ class Backbone(nn.Module):
 
 
 class ReferenceStemLM(nn.Module):
-    """forward(ids [b, s]) -> logits [b, s, vocab]; `loss(ids, labels)` -> per-token losses [b, s]."""
+    """forward(ids [b, s]) -> logits [b, s, vocab]; `loss(ids, labels)` -> per-token losses [b, s].
+
+    forward's optional `stem_ids` [b, s] and `row_overrides` are described in the module docstring.
+    """
 
     def __init__(self, c: ReferenceConfig):
         super().__init__()
@@ -127,11 +142,19 @@ class ReferenceStemLM(nn.Module):
         emb_sd = torch.cat((freqs_sd, freqs_sd), dim=-1)
         return emb_sd.cos().to(dtype), emb_sd.sin().to(dtype)
 
-    def forward(self, ids_bs: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids_bs: torch.Tensor, stem_ids: torch.Tensor | None = None,
+                row_overrides: dict | None = None) -> torch.Tensor:
+        stem_ids_bs = ids_bs if stem_ids is None else stem_ids
+        if stem_ids_bs.shape != ids_bs.shape:
+            raise ValueError(f"stem_ids {tuple(stem_ids_bs.shape)} must have the shape of ids {tuple(ids_bs.shape)}")
+        overrides = row_overrides or {}
+        if not set(overrides) <= set(self.config.stem_layers):
+            raise ValueError(f"row_overrides for layers {sorted(set(overrides) - set(self.config.stem_layers))}, "
+                             f"which are not STEM layers ({self.config.stem_layers})")
         x_bsh = self.model.embed_tokens(ids_bs)
         cos_sd, sin_sd = self._rope(ids_bs.shape[1], ids_bs.device, x_bsh.dtype)
-        for layer in self.model.layers:
-            x_bsh = layer(x_bsh, ids_bs, cos_sd, sin_sd)
+        for i, layer in enumerate(self.model.layers):
+            x_bsh = layer(x_bsh, stem_ids_bs, cos_sd, sin_sd, overrides.get(i))
         x_bsh = self.model.norm(x_bsh)
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return x_bsh @ head.t()

@@ -1,0 +1,106 @@
+"""`stem-analyze`: angular spread of STEM rows and unique tokens vs context length on a corpus.
+
+    stem-analyze --model runs/tiny_stem/checkpoints --corpus data/sample/valid.jsonl --output analysis/ \\
+        [--dense runs/tiny_dense/checkpoints] [--top-tokens 256] [--max-tokens 200000] [--max-context 4096]
+
+`--model` / `--dense` take an export or a checkpoint directory (or save root). Corpus files are
+`.jsonl` ({"text": ...} per line) or plain text. Writes, into DIR, angular_spread.{json,png}
+and unique_tokens.{json,png} (the methods: stem_megatron/analysis.py), only after every number
+is computed. Exit codes: 0 written, 2 bad input, 4 model not loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from stem_megatron import analysis
+from stem_megatron.edit_cli import _OneLineParser
+
+
+def parse_args(argv):
+    ap = _OneLineParser(prog="stem-analyze", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="STEM model: export or checkpoint directory / save root")
+    ap.add_argument("--corpus", required=True, nargs="+", metavar="FILE", help=".jsonl or plain-text files")
+    ap.add_argument("--output", required=True, metavar="DIR")
+    ap.add_argument("--dense", help="dense model (export or checkpoint) for the angular-spread comparison")
+    ap.add_argument("--top-tokens", type=int, default=256, help="N most frequent tokens compared pairwise [256]")
+    ap.add_argument("--max-tokens", type=int, default=200_000, help="read at most about this many corpus tokens")
+    ap.add_argument("--max-context", type=int, default=4096, help="longest context length measured [4096]")
+    ap.add_argument("--window", type=int, help="dense model context window [its training length, else 256]")
+    ap.add_argument("--tokenizer", help="tokenizer instead of the one the model carries")
+    args = ap.parse_args(argv)
+    if args.top_tokens < 2 or args.max_tokens < 4 or args.max_context < 2:
+        ap.error("--top-tokens must be >= 2, --max-tokens >= 4, --max-context >= 2")
+    return args
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def run(args) -> dict:
+    from stem_megatron import analysis_plots
+    from stem_megatron.model_loading import load_model
+
+    analysis_plots.require()
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise analysis.AnalysisError(f"--output {args.output} exists and is not a directory")
+    loaded = load_model(args.model, args.tokenizer)
+    if not loaded.stem_layers:
+        raise analysis.AnalysisError(f"{args.model}: the model has no STEM layers")
+    if loaded.tokenizer is None:
+        raise analysis.AnalysisError(f"{args.model} carries no tokenizer; give --tokenizer PATH")
+    dense = load_model(args.dense, args.tokenizer) if args.dense else None
+    if dense is not None and dense.model.config.vocab_size < loaded.text_vocab_size:
+        raise analysis.AnalysisError("--dense has a smaller vocabulary than --model: they must share the tokenizer")
+    window = args.window or (dense.hf_config.get("max_position_embeddings") if dense else None) or 256
+    tok = loaded.tokenizer
+    docs = analysis.read_corpus(args.corpus, tok, args.max_tokens)
+    exclude = {tok.eod} if tok.eod is not None else set()
+    spread, raw = analysis.angular_spread(loaded.model, docs, args.top_tokens,
+                                           dense.model if dense else None, window, exclude)
+    spread |= {"model": args.model, "dense": args.dense, "corpus": args.corpus, "dense_window": window if dense else None}
+    unique = analysis.unique_tokens(loaded.model, docs, tok.eod, args.max_context) | {"corpus": args.corpus}
+    os.makedirs(args.output, exist_ok=True)
+    paths = {k: os.path.join(args.output, k) for k in
+             ("angular_spread.png", "unique_tokens.png", "angular_spread.json", "unique_tokens.json")}
+    analysis_plots.angular_spread_png(paths["angular_spread.png"], spread, raw)
+    analysis_plots.unique_tokens_png(paths["unique_tokens.png"], unique)
+    _write_json(paths["angular_spread.json"], spread)
+    _write_json(paths["unique_tokens.json"], unique)
+    return {"angular_spread": spread, "unique_tokens": unique}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from stem_megatron.data.tokenizer import TokenizerError
+    from stem_megatron.model_loading import ModelLoadError
+
+    try:
+        out = run(args)
+    except (analysis.AnalysisError, TokenizerError, UnicodeDecodeError) as e:
+        print(f"stem-analyze: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except ModelLoadError as e:
+        print(f"stem-analyze: cannot load the model: {e}", file=sys.stderr)
+        return 4
+    spread, unique = out["angular_spread"], out["unique_tokens"]
+    for layer, e in spread["layers"].items():
+        line = f"layer {layer}: STEM rows cos mean {e['stem']['mean']:.4f} (angle {e['stem']['mean_angle_deg']:.1f} deg)"
+        if "dense" in e:
+            line += (f" | dense layer {e['dense_layer']} W_up x cos mean {e['dense']['mean']:.4f} "
+                     f"(angle {e['dense']['mean_angle_deg']:.1f} deg)")
+        print(line)
+    h = unique["heaps"]
+    print(f"Heaps' law: unique(n) = {h['K']:.3f} n^{h['beta']:.3f} (R^2 {h['r2']:.4f}) over "
+          f"{unique['corpus_tokens']} tokens")
+    print(f"wrote {args.output}: angular_spread.png angular_spread.json unique_tokens.png unique_tokens.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
