@@ -281,6 +281,8 @@ def stem_engine_factory(cfg: ExperimentConfig) -> Callable | None:
     tcfg = transformer_config(cfg)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
+    rows_local = -(-cfg.model.vocab_size // groups.shard_size)
+
     def factory(layer_ids: list[int]):
         return StemTableEngine(
             vocab_size=cfg.model.vocab_size,
@@ -295,6 +297,9 @@ def stem_engine_factory(cfg: ExperimentConfig) -> Callable | None:
             compute_dtype=tcfg.params_dtype,
             device=device,
             deterministic=cfg.stem.deterministic,
+            offload=cfg.stem.offload,
+            cache_rows=cfg.stem.cache_rows_for(rows_local),
+            cache_policy=cfg.stem.cache_policy,
         )
 
     return factory

@@ -36,6 +36,8 @@ from stem_megatron.stem.exchange import (
     owner_major,
     reduce_traffic,
 )
+from stem_megatron.stem.row_cache import CACHE_POLICIES
+from stem_megatron.stem.row_storage import OFFLOAD_MODES, DeviceRows, HostRows
 from stem_megatron.stem.segment import SegmentPlan, index_sum, unique_sum
 from stem_megatron.stem.table_init import default_init_std, fill_table_rows
 
@@ -136,9 +138,16 @@ class StemPrefetch:
     changed (an optimizer step between prefetch and wait) raises: the rows would be stale.
     """
 
-    def __init__(self, engine, finish):
+    def __init__(self, engine, finish, advance=None):
         self._engine, self._finish, self._version = engine, finish, engine.version
+        self._advance = advance  # host tables: rows arrive from the host, then their all-to-all starts
         self._lookup: StemLookup | None = None
+
+    def advance(self) -> None:
+        """Start this lookup's row all-to-all (host tables: after its cache misses arrived). Once."""
+        if self._advance is not None:
+            advance, self._advance = self._advance, None
+            advance()
 
     def wait(self) -> StemLookup:
         if self._lookup is None:
@@ -147,6 +156,7 @@ class StemPrefetch:
                     "STEM prefetch crossed an optimizer step: its rows were read before the update; "
                     "prefetch after optimizer.step()"
                 )
+            self._engine._advance_through(self)
             self._lookup = self._finish()
             self._finish = None
         return self._lookup
@@ -170,6 +180,9 @@ class StemTableEngine:
         device: torch.device | str = "cpu",
         deterministic: bool = False,
         id_exchange: str = "alltoall",
+        offload: str = "device",
+        cache_rows: int | None = None,
+        cache_policy: str = "lfu",
     ):
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
@@ -181,6 +194,11 @@ class StemTableEngine:
             )
         if id_exchange not in ID_EXCHANGES:
             raise ValueError(f"id_exchange must be one of {ID_EXCHANGES}, got {id_exchange!r}")
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+        if offload == "host" and (cache_rows is None or cache_rows < 1 or cache_policy not in CACHE_POLICIES):
+            raise ValueError(f"host tables need cache_rows >= 1 and a cache_policy in {CACHE_POLICIES}, "
+                             f"got {cache_rows}, {cache_policy!r}")
         g = _group_size(shard_group)
         self.shard_group = shard_group if g > 1 else None
         self.replica_group = replica_group if _group_size(replica_group) > 1 else None
@@ -212,18 +230,25 @@ class StemTableEngine:
         self.id_exchange = id_exchange
         self.init_std = default_init_std(vocab_size, ffn_hidden_size) if init_std is None else float(init_std)
         self.seed = seed
-        self.weight = torch.empty(
-            self.layout.rows_local, len(layer_ids), cols, dtype=torch.float32, device=self.device
+        init_RLF = torch.empty(
+            self.layout.rows_local, len(layer_ids), cols, dtype=torch.float32,
+            device=self.device if offload == "device" else "cpu",
         )
         fill_table_rows(
-            self.weight,
-            self.global_rows(),
+            init_RLF,
+            self.global_rows().to(init_RLF.device),
             list(self.layout.layer_ids),
             self.layout.col_start,
             self.init_std,
             seed,
             vocab_size,
         )
+        # Row storage (row_storage.py): device memory, or host memory with a device row cache.
+        self.offload = offload
+        self._rows = DeviceRows(init_RLF) if offload == "device" else HostRows(
+            init_RLF, self.device, int(cache_rows), cache_policy)
+        self._unadvanced: list[StemPrefetch] = []  # issued prefetches whose row all-to-all has not started
+        self._held: list[tuple[StemLookup, object]] = []  # (lookup, owner-side RowRead) pinned until reduced
         self.version = 0  # bumped by every optimizer update of `weight`
         self.grad_index: torch.Tensor | None = None
         self.grad_values: torch.Tensor | None = None
@@ -245,9 +270,57 @@ class StemTableEngine:
         lay = self.layout
         return torch.arange(lay.rows_local, device=self.device) * lay.shard_size + lay.shard_rank
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """fp32 master rows [rows_local, L, F], current (device memory, or host memory with host tables).
+
+        Read-only for code outside stem/: writes go through `set_rows` / `write_row_state`.
+        """
+        return self._rows.weight
+
     def mark_updated(self) -> None:
         """Called by every optimizer step (on every rank, rows touched or not) and by checkpoint loads."""
         self.version += 1
+        self._rows.step_done()
+
+    # ----------------------------------------------------------------- row state (optimizer, checkpoints)
+    def row_state(self) -> dict:
+        """The rows' optimizer state, full local tensors: exp_avg, exp_avg_sq (fp32 like weight), step (int64)."""
+        return self._rows.state()
+
+    def read_row_state(self, idx_n: torch.Tensor):
+        """(weight, exp_avg, exp_avg_sq [n, L, F] fp32, step [n] int64) of local rows idx_n, on the device."""
+        return self._rows.read_state(idx_n)
+
+    def write_row_state(self, idx_n, w_nLF, m_nLF, v_nLF, step_n) -> None:
+        """Store the updated state of local rows idx_n (wherever they live) and bump the version."""
+        self._rows.write_state(idx_n, w_nLF, m_nLF, v_nLF, step_n)
+        self.mark_updated()
+
+    def set_rows(self, name: str, values: torch.Tensor, slot: int | None = None) -> None:
+        """Overwrite all local rows of `name` (weight, exp_avg, exp_avg_sq: [rows_local, L, F], or
+        [rows_local, F] for one `slot`; step: [rows_local]), e.g. from a checkpoint. Bumps the version."""
+        if name not in ("weight", "exp_avg", "exp_avg_sq", "step"):
+            raise ValueError(f"unknown row state {name!r}")
+        if self._held or self._unadvanced:
+            raise RuntimeError("set_rows with lookups in flight")
+        with torch.no_grad():
+            self._rows.set_rows(name, values, slot)
+        self.mark_updated()
+
+    def offload_stats(self) -> dict:
+        """Cumulative counters of the row storage: h2d_bytes, d2h_bytes, gather_seconds, wait_seconds,
+        and with host tables hit_rows / req_rows (per unique row) and hit_weight / req_weight."""
+        return dict(self._rows.stats)
+
+    def _advance_through(self, handle: StemPrefetch) -> None:
+        """Start the row all-to-alls of every prefetch issued up to `handle`, in issue order (the
+        order is the same on every shard rank, so the collectives match)."""
+        while self._unadvanced:
+            h = self._unadvanced.pop(0)
+            h.advance()
+            if h is handle:
+                return
 
     # ----------------------------------------------------------------- forward exchange
     def prefetch(self, ids: torch.Tensor) -> StemPrefetch:
@@ -263,12 +336,14 @@ class StemTableEngine:
         row_bytes = len(lay.layer_ids) * lay.cols_local * torch.finfo(self.compute_dtype).bits // 8
         if g == 1:
             self._raise_on_bad_ids([meta_M.tolist()])
-            rows_ULF = self.weight.index_select(0, unique_U).to(self.compute_dtype)
+            read = self._rows.begin_read(unique_U, pin=True)
             stats = lookup_traffic(
                 [meta_M[2:3].tolist()], [meta_M[3:4].tolist()], 0, row_bytes, self.id_exchange
             )
             return StemPrefetch(
-                self, lambda: self._complete(rows_ULF, None, inverse_N, ids.shape, unique_U, stats)
+                self,
+                lambda: self._complete(read.rows().to(self.compute_dtype), None, inverse_N, ids.shape,
+                                       unique_U, stats, read),
             )
 
         # C1: bad-id flags and the request matrices, before any variable-size collective.
@@ -290,16 +365,28 @@ class StemTableEngine:
             lists = all_gather_rows(padded_U, self.shard_group, g)
             req_R = torch.cat([lists[s][sum(uniq_GG[s][:me]) :][: uniq_GG[s][me]] for s in range(g)])
 
-        # Owners gather; C3: rows back, arriving owner-major = in unique_U order.
-        served_RLF = self.weight.index_select(0, req_R // g).to(self.compute_dtype)
-        rows_ULF = served_RLF.new_empty((unique_U.numel(), *served_RLF.shape[1:]))
-        work = dist.all_to_all_single(
-            rows_ULF, served_RLF, send_G, recv_G, group=self.shard_group, async_op=True
-        )
+        # Owners gather (host tables: hits now, misses from the host in the background);
+        # C3: rows back, arriving owner-major = in unique_U order.
+        read = self._rows.begin_read(req_R // g, pin=True)
+        sent: dict = {}
+
+        def start_rows():
+            served_RLF = read.rows().to(self.compute_dtype)
+            sent["rows"] = served_RLF.new_empty((unique_U.numel(), *served_RLF.shape[1:]))
+            sent["work"] = dist.all_to_all_single(
+                sent["rows"], served_RLF, send_G, recv_G, group=self.shard_group, async_op=True
+            )
+
         stats = lookup_traffic(uniq_GG, tok_GG, me, row_bytes, self.id_exchange)
-        return StemPrefetch(
-            self, lambda: self._complete(rows_ULF, work, inverse_N, ids.shape, unique_U, stats)
+        handle = StemPrefetch(
+            self,
+            lambda: self._complete(sent["rows"], sent["work"], inverse_N, ids.shape, unique_U, stats, read),
+            advance=start_rows,
         )
+        self._unadvanced.append(handle)
+        if self.offload == "device":  # rows are ready: start their return now, as before
+            self._advance_through(handle)
+        return handle
 
     def _raise_on_bad_ids(self, meta_GM: list[list[int]]) -> None:
         """Raise StemIndexError on every rank of the shard x replica (data-parallel) group if any had a bad id.
@@ -321,13 +408,18 @@ class StemTableEngine:
         if msg:
             raise StemIndexError(msg)
 
-    def _complete(self, rows_ULF, work, inverse_N, shape, unique_U, stats) -> StemLookup:
+    def _complete(self, rows_ULF, work, inverse_N, shape, unique_U, stats, read) -> StemLookup:
         if work is not None:
             work.wait()
         rows_ULF = rows_ULF.detach().requires_grad_(torch.is_grad_enabled())
         lk = StemLookup(rows_ULF, inverse_N.view(shape), unique_U, stats, self.deterministic)
         if rows_ULF.requires_grad:
             self._pending.append(lk)
+            # The rows this owner served stay pinned in its cache until the step's gradients are
+            # reduced and applied (the update reads them there); released by zero_grad.
+            self._held.append((lk, read))
+        else:
+            self._rows.release(read)
         self.stats.update(stats)
         return lk
 
@@ -420,13 +512,27 @@ class StemTableEngine:
                 return
 
     def zero_grad(self) -> None:
-        """Drop the reduced gradient (pending lookups are kept: they belong to the coming step)."""
+        """Drop the reduced gradient (pending lookups are kept: they belong to the coming step) and
+        unpin the cached rows of lookups whose gradients were reduced."""
         self.grad_index, self.grad_values = None, None
+        self._release_reduced()
+
+    def _release_reduced(self) -> None:
+        pending = {id(lk) for lk in self._pending}
+        keep = []
+        for lk, read in self._held:
+            if id(lk) in pending:
+                keep.append((lk, read))
+            else:
+                self._rows.release(read)
+        self._held = keep
+        self._rows.after_release()
 
     def discard_pending(self) -> None:
         """Forget lookups made with grad enabled whose gradients will never be reduced."""
         self._pending = []
         self._folded = None
+        self._release_reduced()
 
     @property
     def num_pending(self) -> int:
@@ -436,10 +542,11 @@ class StemTableEngine:
     def full_table(self) -> torch.Tensor:
         """fp32 [vocab, L, F] of this TP rank's columns, padding removed. Collective over the shard group."""
         lay = self.layout
+        weight = self.weight.to(self.device)  # host tables: gathered where the collectives run
         parts = (
-            all_gather_rows(self.weight, self.shard_group, lay.shard_size)
+            all_gather_rows(weight, self.shard_group, lay.shard_size)
             if lay.shard_size > 1
-            else [self.weight]
+            else [weight]
         )
         table = torch.stack(parts, dim=1)  # [rows_local, G, L, F]: global row = local * G + g
         return table.reshape(lay.padded_vocab_size, *self.weight.shape[1:])[: lay.vocab_size]
@@ -453,9 +560,7 @@ class StemTableEngine:
             raise ValueError(
                 f"STEM table checkpoint layout {state['layout']} does not match {self.layout.__dict__}"
             )
-        with torch.no_grad():
-            self.weight.copy_(state["weight"])
-        self.mark_updated()
+        self.set_rows("weight", state["weight"])
 
 
 def table_grad_sq_norm(engines: list[StemTableEngine], group=None, device=None) -> torch.Tensor:

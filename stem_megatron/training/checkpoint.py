@@ -512,16 +512,14 @@ class Checkpointer:
     @staticmethod
     def _load_tables(trainer, ckpt: str, index: dict) -> None:
         reader = TableReader(ckpt, index)
-        for e, st in zip(trainer.engines, trainer.table_optimizer.state):
+        for e in trainer.engines:
             lay = e.layout
             target = TableTarget(e.global_rows(), lay.col_start, lay.cols_local)
             steps = None
             for slot, layer in enumerate(lay.layer_ids):
                 out, step = reader.read_layer(layer, target)
-                with torch.no_grad():
-                    e.weight[:, slot].copy_(out["weight"])
-                    st["exp_avg"][:, slot].copy_(out["exp_avg"])
-                    st["exp_avg_sq"][:, slot].copy_(out["exp_avg_sq"])
+                for kind in ("weight", "exp_avg", "exp_avg_sq"):
+                    e.set_rows(kind, out[kind], slot=slot)
                 if steps is None:
                     steps = step
                 elif not torch.equal(steps, step):
@@ -529,5 +527,4 @@ class Checkpointer:
                         f"checkpoint {ckpt}: STEM layers {lay.layer_ids[0]} and {layer} have different per-row update "
                         "counts; they cannot share one engine"
                     )
-            st["step"].copy_(steps)
-            e.mark_updated()
+            e.set_rows("step", steps)

@@ -72,7 +72,7 @@ def peak_flops() -> float | None:
 
 
 class _Peekable:
-    """Iterator over one step's micro-batches that can show the next one (for STEM prefetch)."""
+    """Iterator over one step's micro-batches that can show coming ones (for STEM prefetch)."""
 
     def __init__(self, items):
         self.items, self.i = items, 0
@@ -86,8 +86,10 @@ class _Peekable:
         self.i += 1
         return self.items[self.i - 1]
 
-    def peek(self):
-        return self.items[self.i] if self.i < len(self.items) else None
+    def peek(self, ahead: int = 0):
+        """The micro-batch `ahead` places after the next one (None past the step's end)."""
+        j = self.i + ahead
+        return self.items[j] if j < len(self.items) else None
 
 
 def _unwrap(model):
@@ -217,10 +219,19 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
+        chunk = _unwrap(model)
+        depth = self.cfg.stem.prefetch_depth
+        if self.cfg.stem.prefetch and depth > 1 and data_iterator.i == 1:
+            # First micro-batch of the step: open the window (this one and the depth - 1 after it).
+            chunk.prefetch_stem(batch["tokens"])
+            for k in range(depth - 1):
+                if data_iterator.peek(k) is not None:
+                    chunk.prefetch_stem(data_iterator.peek(k)["tokens"])
         out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        upcoming = data_iterator.peek()
+        # Keep `stem.prefetch_depth` micro-batches in flight: issue the one `depth` places ahead.
+        upcoming = data_iterator.peek(depth - 1)
         if upcoming is not None and self.cfg.stem.prefetch:
-            _unwrap(model).prefetch_stem(upcoming["tokens"])
+            chunk.prefetch_stem(upcoming["tokens"])
         poison = self.step in self.poison_steps and model.training
         return out, functools.partial(_loss_func, batch["loss_mask"], poison)
 
