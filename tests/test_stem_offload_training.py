@@ -7,6 +7,10 @@ cache policy and prefetch depths 1 and 2: per-step losses and gradient norms, an
 step the dense weights, table rows, moments and step counters equal the device-table run exactly.
 Under this eviction pressure no pinned row is evicted, and every row the optimizer updates was
 still in the cache (rows touched only by another replica excepted, which are read from the host).
+
+Checkpoints: a run saved after 2 steps with host tables and resumed with device tables, and the
+reverse, give the per-step losses of the uninterrupted run (the DP2 world runs these too, to
+spawn one world less).
 """
 
 import pytest
@@ -24,22 +28,58 @@ VARIANTS = [("device", dict(offload="device", prefetch_depth=1))] + [
 ]
 
 
-def _train_variants(rank, world_size, layout, shard_size):
+def _trainer(layout, shard_size, stem, save=None, steps=STEPS):
+    from stem_megatron.config import CheckpointConfig
+    from stem_megatron.testing.models import reference_model, tiny_config
+    from stem_megatron.training.checkpoint import Checkpointer
+    from stem_megatron.training.trainer import Trainer
+
+    cfg = tiny_config(deterministic=True, micro_batch_size=1, shard_size=shard_size, **layout)
+    cfg.train.lr, cfg.train.warmup_steps, cfg.train.train_steps = 3e-3, 1, steps
+    cfg.stem.lr = 1e-2
+    for key, value in stem.items():
+        setattr(cfg.stem, key, value)
+    trainer = Trainer(cfg)
+    if save:
+        trainer.checkpointer = Checkpointer(CheckpointConfig(save=save, keep_last=1))
+    trainer.setup(datasets=(TokenDataset(64, cfg.model.seq_length, 60, seed=3), None))
+    if trainer.step == 0:
+        trainer.load_full_weights(reference_model(cfg, seed=0).state_dict())
+    return trainer
+
+
+def _save_and_resume(layout, shard_size, tmp):
+    """{name: per-step losses} of uninterrupted, host->device and device->host resumed runs (4 steps)."""
+    import os
+
     from megatron.core import parallel_state
 
-    from stem_megatron.testing.models import reference_model, tiny_config
-    from stem_megatron.training.trainer import Trainer
+    host = dict(offload="host", cache_rows=CACHE_ROWS, cache_policy="lfu", prefetch_depth=2)
+    device = dict(offload="device")
+    out = {}
+    runs = [("uninterrupted", device, None), ("host_then_device", host, device), ("device_then_host", device, host)]
+    for name, first, second in runs:
+        save = os.path.join(tmp, name)
+        losses = {}
+        for stem in (first, second) if second else (first,):
+            trainer = _trainer(layout, shard_size, stem, save=save if second else None, steps=4)
+            stop = 2 if trainer.step == 0 and second else 4
+            while trainer.step < stop:
+                r = trainer.train_step()
+                losses[r.step] = r.loss
+            if second:
+                trainer.checkpointer.save(trainer)
+            parallel_state.destroy_model_parallel()
+        out[name] = losses
+    return out
+
+
+def _train_variants(rank, world_size, layout, shard_size, tmp=None):
+    from megatron.core import parallel_state
 
     out = {}
     for name, stem in VARIANTS:
-        cfg = tiny_config(deterministic=True, micro_batch_size=1, shard_size=shard_size, **layout)
-        cfg.train.lr, cfg.train.warmup_steps, cfg.train.train_steps = 3e-3, 1, STEPS
-        cfg.stem.lr = 1e-2
-        for key, value in stem.items():
-            setattr(cfg.stem, key, value)
-        trainer = Trainer(cfg)
-        trainer.setup(datasets=(TokenDataset(64, cfg.model.seq_length, 60, seed=3), None))
-        trainer.load_full_weights(reference_model(cfg, seed=0).state_dict())
+        trainer = _trainer(layout, shard_size, stem)
         steps = [(r.loss, r.grad_norm) for r in (trainer.train_step() for _ in range(STEPS))]
         tensors = [p.detach().clone() for c in trainer.chunks for p in c.parameters()]
         for e in trainer.engines:
@@ -49,12 +89,23 @@ def _train_variants(rank, world_size, layout, shard_size):
         replicas = trainer.engines[0].num_replicas
         out[name] = (steps, tensors, stats, replicas, sum(c.stem_prefetch_hits for c in trainer.chunks))
         parallel_state.destroy_model_parallel()
+    if tmp is not None:
+        out["checkpoints"] = _save_and_resume(layout, shard_size, tmp)
     return out
 
 
 @pytest.mark.parametrize("name,world,layout", [("dp2_shard2", 2, dict()), ("tp2_dp2", 4, dict(tp=2))])
-def test_host_tables_train_bitwise_like_device_tables(name, world, layout):
-    results = run_distributed(_train_variants, world_size=world, args=(layout, 2), timeout=600)
+def test_host_tables_train_bitwise_like_device_tables(name, world, layout, tmp_path):
+    tmp = str(tmp_path) if name == "dp2_shard2" else None
+    results = run_distributed(_train_variants, world_size=world, args=(layout, 2, tmp), timeout=600)
+    if tmp is not None:
+        ckpt = results[0].pop("checkpoints")
+        ref = ckpt["uninterrupted"]
+        assert sorted(ref) == [1, 2, 3, 4]
+        for run in ("host_then_device", "device_then_host"):
+            assert ckpt[run] == ref, f"{run}: losses {ckpt[run]} vs uninterrupted {ref}"
+        for out in results[1:]:
+            out.pop("checkpoints")
     for rank, out in enumerate(results):
         ref_steps, ref_tensors, _, _, _ = out["device"]
         for variant, (steps, tensors, stats, replicas, hits) in out.items():
