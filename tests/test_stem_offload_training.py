@@ -26,6 +26,9 @@ VARIANTS = [("device", dict(offload="device", prefetch_depth=1))] + [
     for policy in ("lfu", "lru", "lookahead")
     for depth in (1, 2)
 ]
+# The default run covers TP2 x DP2 with each policy once and both depths (4 ranks on a 2-core
+# machine are slow); `make test-slow` runs the whole matrix there too.
+TP2_DEFAULT = ("device", "host_lfu_depth1", "host_lru_depth2", "host_lookahead_depth2")
 
 
 def _trainer(layout, shard_size, stem, save=None, steps=STEPS):
@@ -74,11 +77,13 @@ def _save_and_resume(layout, shard_size, tmp):
     return out
 
 
-def _train_variants(rank, world_size, layout, shard_size, tmp=None):
+def _train_variants(rank, world_size, layout, shard_size, tmp=None, names=None):
     from megatron.core import parallel_state
 
     out = {}
     for name, stem in VARIANTS:
+        if names is not None and name not in names:
+            continue
         trainer = _trainer(layout, shard_size, stem)
         steps = [(r.loss, r.grad_norm) for r in (trainer.train_step() for _ in range(STEPS))]
         tensors = [p.detach().clone() for c in trainer.chunks for p in c.parameters()]
@@ -94,10 +99,17 @@ def _train_variants(rank, world_size, layout, shard_size, tmp=None):
     return out
 
 
-@pytest.mark.parametrize("name,world,layout", [("dp2_shard2", 2, dict()), ("tp2_dp2", 4, dict(tp=2))])
-def test_host_tables_train_bitwise_like_device_tables(name, world, layout, tmp_path):
+@pytest.mark.parametrize(
+    "name,world,layout,names",
+    [
+        ("dp2_shard2", 2, dict(), None),
+        ("tp2_dp2", 4, dict(tp=2), TP2_DEFAULT),
+        pytest.param("tp2_dp2_all", 4, dict(tp=2), None, marks=pytest.mark.slow),
+    ],
+)
+def test_host_tables_train_bitwise_like_device_tables(name, world, layout, names, tmp_path):
     tmp = str(tmp_path) if name == "dp2_shard2" else None
-    results = run_distributed(_train_variants, world_size=world, args=(layout, 2, tmp), timeout=600)
+    results = run_distributed(_train_variants, world_size=world, args=(layout, 2, tmp, names), timeout=600)
     if tmp is not None:
         ckpt = results[0].pop("checkpoints")
         ref = ckpt["uninterrupted"]

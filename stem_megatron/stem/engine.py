@@ -322,6 +322,33 @@ class StemTableEngine:
             if h is handle:
                 return
 
+    def announce(self, future_ids: list[torch.Tensor]) -> None:
+        """Host tables with the `lookahead` policy: the ids of the coming micro-batches, in order.
+
+        Collective over the shard group (every shard rank announces the same number of micro-batches,
+        as it runs the same schedule); each owner learns which of its rows are needed when, so its
+        cache keeps them instead of rows with no known use. A no-op for other storages and policies.
+        """
+        cache = getattr(self._rows, "cache", None)
+        if cache is None or cache.policy != "lookahead":
+            return
+        g, me = self.layout.shard_size, self.layout.shard_rank
+        uniq = [torch.unique(ids.reshape(-1).to("cpu", torch.int64)) for ids in future_ids]
+        pos_P = torch.cat([torch.full_like(u, i) for i, u in enumerate(uniq)]) if uniq else torch.empty(0, dtype=torch.int64)
+        ids_P = torch.cat(uniq) if uniq else torch.empty(0, dtype=torch.int64)
+        pairs_2P = torch.stack([pos_P, ids_P])
+        if g > 1:  # every rank's (position, id) pairs; padded to the longest with position -1
+            n = torch.tensor([pairs_2P.shape[1]], dtype=torch.int64, device=self.device)
+            width = max(int(c.item()) for c in all_gather_rows(n, self.shard_group, g))
+            padded = torch.full((2, width), -1, dtype=torch.int64)
+            padded[:, : pairs_2P.shape[1]] = pairs_2P
+            parts = all_gather_rows(padded.to(self.device), self.shard_group, g)
+            pairs_2P = torch.cat([p.cpu() for p in parts], dim=1)
+            pairs_2P = pairs_2P[:, pairs_2P[0] >= 0]
+        mine = (pairs_2P[1] % g == me) & (pairs_2P[1] < self.layout.vocab_size) & (pairs_2P[1] >= 0)
+        pos_P, rows_P = pairs_2P[0, mine], pairs_2P[1, mine] // g
+        cache.announce([rows_P[pos_P == i] for i in range(len(future_ids))])
+
     # ----------------------------------------------------------------- forward exchange
     def prefetch(self, ids: torch.Tensor) -> StemPrefetch:
         """Route `ids` and gather rows on the owners now; the rows' return all-to-all runs async.

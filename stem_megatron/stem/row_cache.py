@@ -54,6 +54,7 @@ class RowCache:
         self.last_R = torch.zeros(num_rows, dtype=torch.float64)  # lru clock
         self.next_use_R = torch.full((num_rows,), float("inf"), dtype=torch.float64)  # lookahead
         self.clock = 0
+        self._next_after: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         self.evicted_pinned = 0  # invariant counter: must stay 0 (checked by tests)
         self.evictions = 0  # rows dropped to make room or to shrink back to capacity
 
@@ -63,10 +64,18 @@ class RowCache:
         self.count_R.mul_(self.lfu_decay)
 
     def announce(self, future_rows: list[torch.Tensor]) -> None:
-        """Rows of coming micro-batches in use order (lookahead): the next use of each row."""
+        """Rows of the coming admissions, in order (lookahead): admission clock + 1 + i uses future_rows[i].
+
+        Each row's next use is set now; when an announced admission happens, its rows' next use
+        moves on to their following announced use (or none).
+        """
         self.next_use_R.fill_(float("inf"))
+        self._next_after = {}
         for pos in range(len(future_rows) - 1, -1, -1):
-            self.next_use_R[future_rows[pos]] = float(self.clock + 1 + pos)
+            rows = future_rows[pos].reshape(-1).to("cpu", torch.int64)
+            t = float(self.clock + 1 + pos)
+            self._next_after[t] = (rows, self.next_use_R[rows].clone())  # the use after this one
+            self.next_use_R[rows] = t
 
     # ---------------------------------------------------------------- admission / release
     @property
@@ -83,7 +92,7 @@ class RowCache:
         if self.policy == "lfu":
             return self.count_R[rows]
         nxt = self.next_use_R[rows]
-        known = torch.isfinite(nxt)
+        known = torch.isfinite(nxt) & (nxt > self.clock)
         return torch.where(known, _KNOWN - nxt, self.count_R[rows])
 
     def admit(self, rows_K: torch.Tensor, weights_K: torch.Tensor | None = None) -> Admission:
@@ -93,6 +102,9 @@ class RowCache:
         """
         rows_K = rows_K.reshape(-1).to("cpu", torch.int64)
         self.clock += 1
+        after = self._next_after.pop(float(self.clock), None)
+        if after is not None:
+            self.next_use_R[after[0]] = after[1]
         w = torch.ones(rows_K.numel(), dtype=torch.float64) if weights_K is None else weights_K.to("cpu", torch.float64)
         self.count_R.index_add_(0, rows_K, w)
         self.last_R[rows_K] = float(self.clock)

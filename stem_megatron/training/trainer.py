@@ -262,6 +262,13 @@ class Trainer:
         self.optimizer.zero_grad()
         self.table_optimizer.zero_grad()
         batches = self.train_batches(self.step, self.device)
+        if self.engines and self.cfg.stem.offload == "host" and self.cfg.stem.cache_policy == "lookahead":
+            # The data order is known: tell the row caches this step's and the next step's ids.
+            coming = list(batches)
+            if self.step + 1 < self.cfg.train.train_steps:
+                coming += self.train_batches(self.step + 1, self.device)
+            for e in self.engines:
+                e.announce([b["tokens"] for b in coming])
         total = self._run_schedule(batches, forward_only=False)
         loss_sum, tokens = total[0].item(), int(total[1].item())
         for e in self.engines:
