@@ -25,6 +25,7 @@ setup(
         # (build it from its repository); never the unrelated PyPI package named `apex`.
         "te": ["transformer-engine[pytorch]>=1.9"],
         "dev": ["pytest>=8", "ruff>=0.5"],
+        "plot": ["matplotlib>=3.7"],  # benchmark figures (make bench-cache)
     },
     entry_points={
         "console_scripts": [
