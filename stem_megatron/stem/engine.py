@@ -21,6 +21,7 @@ R requests served by this owner, K locally deduplicated rows, G shard size, n to
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -156,8 +157,10 @@ class StemPrefetch:
                     "STEM prefetch crossed an optimizer step: its rows were read before the update; "
                     "prefetch after optimizer.step()"
                 )
+            t0 = time.perf_counter()
             self._engine._advance_through(self)
             self._lookup = self._finish()
+            self._engine.exposed_wait_seconds += time.perf_counter() - t0
             self._finish = None
         return self._lookup
 
@@ -249,6 +252,7 @@ class StemTableEngine:
             init_RLF, self.device, int(cache_rows), cache_policy)
         self._unadvanced: list[StemPrefetch] = []  # issued prefetches whose row all-to-all has not started
         self._held: list[tuple[StemLookup, object]] = []  # (lookup, owner-side RowRead) pinned until reduced
+        self.exposed_wait_seconds = 0.0  # time forwards spent waiting for their rows (StemPrefetch.wait)
         self.version = 0  # bumped by every optimizer update of `weight`
         self.grad_index: torch.Tensor | None = None
         self.grad_values: torch.Tensor | None = None
@@ -311,7 +315,7 @@ class StemTableEngine:
     def offload_stats(self) -> dict:
         """Cumulative counters of the row storage: h2d_bytes, d2h_bytes, gather_seconds, wait_seconds,
         and with host tables hit_rows / req_rows (per unique row) and hit_weight / req_weight."""
-        return dict(self._rows.stats)
+        return {**self._rows.stats, "exposed_wait_seconds": self.exposed_wait_seconds}
 
     def _advance_through(self, handle: StemPrefetch) -> None:
         """Start the row all-to-alls of every prefetch issued up to `handle`, in issue order (the
@@ -363,7 +367,9 @@ class StemTableEngine:
         row_bytes = len(lay.layer_ids) * lay.cols_local * torch.finfo(self.compute_dtype).bits // 8
         if g == 1:
             self._raise_on_bad_ids([meta_M.tolist()])
-            read = self._rows.begin_read(unique_U, pin=True)
+            # Token counts per row weight the cache's LFU counts and its hit rate (host tables).
+            count_U = torch.bincount(inverse_N, minlength=unique_U.numel()) if self.offload == "host" else None
+            read = self._rows.begin_read(unique_U, pin=True, weights_K=count_U)
             stats = lookup_traffic(
                 [meta_M[2:3].tolist()], [meta_M[3:4].tolist()], 0, row_bytes, self.id_exchange
             )
@@ -394,7 +400,12 @@ class StemTableEngine:
 
         # Owners gather (host tables: hits now, misses from the host in the background);
         # C3: rows back, arriving owner-major = in unique_U order.
-        read = self._rows.begin_read(req_R // g, pin=True)
+        count_R = None
+        if self.offload == "host" and self.id_exchange == "alltoall":  # token counts travel with the ids
+            count_R = req_R.new_empty(req_R.numel())
+            dist.all_to_all_single(count_R, torch.bincount(inverse_N, minlength=unique_U.numel()), recv_G, send_G,
+                                   group=self.shard_group)
+        read = self._rows.begin_read(req_R // g, pin=True, weights_K=count_R)
         sent: dict = {}
 
         def start_rows():

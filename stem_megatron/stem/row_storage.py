@@ -175,6 +175,7 @@ class HostRows:
             data_MSLF = read._transfer.wait()
             self.stats["wait_seconds"] += time.perf_counter() - t0
             self.slots_CSLF.index_copy_(0, slots_K[adm.miss_K.to(self.device)], data_MSLF)
+            self.stats["gather_seconds"] = self.store.gather_seconds
         return self.slots_CSLF[:, 0].index_select(0, slots_K.index_select(0, read.inverse))
 
     def release(self, read: RowRead) -> None:

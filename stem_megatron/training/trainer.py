@@ -32,6 +32,7 @@ from stem_megatron.stem.engine import table_grad_sq_norm
 from stem_megatron.training.batches import StepBatches
 from stem_megatron.training.lr_schedule import dense_schedule, table_schedule
 from stem_megatron.training.metrics import MetricsLogger
+from stem_megatron.training.offload_metrics import OffloadMeter
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "H800": 989e12, "B200": 2250e12}
 
@@ -129,6 +130,7 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.chunks = build_model_chunks(cfg, stem_engine_factory(cfg))
         self.engines = [c.stem_engine for c in self.chunks if c.stem_engine is not None]
+        self.offload_meter = OffloadMeter(self.engines)
         tcfg = self.chunks[0].config
         tcfg.calculate_per_token_loss = True
         self.bf16 = tcfg.bf16
@@ -367,6 +369,8 @@ class Trainer:
             "stem/exchange_bytes_received": stats.get("bytes_received"),
             "stem/unique_fraction": sum(uf) / len(uf) if uf else None,
         }
+        offload = self.offload_meter.step_scalars() if self.engines else {}
+        scalars.update(offload)
         self.metrics.scalars(r.step, scalars)
         if r.step % cfg.logging.log_interval == 0 or r.step == 1 or r.skipped:
             mfu_txt = f" mfu {100 * mfu:.1f}%" if mfu is not None else ""
@@ -374,6 +378,7 @@ class Trainer:
             self.metrics.line(
                 f"step {r.step}/{cfg.train.train_steps} loss {r.loss:.4f} lr {r.lr:.2e} grad {r.grad_norm:.3f} "
                 f"{tokens_per_s:,.0f} tok/s {r.seconds * 1000:.0f} ms{mfu_txt}{uf_txt}"
+                + (OffloadMeter.console(offload) if offload else "")
                 + (f" SKIPPED ({self.skipped_steps} total)" if r.skipped else "")
             )
 
