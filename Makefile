@@ -55,7 +55,7 @@ bench-cache: $(PY) sample-data
 	$(PY) -m benchmarks.bench_cache
 
 # Host tables: step time with host tables / with device tables.
-bench-offload: $(PY)
+bench-offload: $(PY) sample-data
 	$(PY) -m benchmarks.bench_offload
 
 # The README's main job: a small STEM pretraining on real text (CPU by default).
