@@ -87,3 +87,22 @@ def test_set_rows_replaces_cached_rows_and_bumps_the_version():
     assert torch.equal(lk.rows, new[[5, 6]])
     with pytest.raises(ValueError, match="offload"):
         StemTableEngine(V, LAYERS, F, offload="disk")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("stem.offload=disk", "stem.offload"), ("stem.cache_policy=fifo", "stem.cache_policy"),
+    ("stem.cache_rows=0", "stem.cache_rows"), ("stem.cache_fraction=1.5", "stem.cache_fraction"),
+    ("stem.prefetch_depth=0", "stem.prefetch_depth"),
+])
+def test_offload_config_errors_are_one_line(override, key):
+    from pathlib import Path
+
+    from stem_megatron.config import ConfigError, load_config
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny_stem.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(tiny, [override])
+    msg = str(info.value)
+    assert msg.startswith(key) and "\n" not in msg
+    cfg = load_config(tiny, ["stem.offload=host", "stem.cache_fraction=0.25"])
+    assert cfg.stem.cache_rows_for(1000) == 250 and cfg.stem.cache_rows_for(3) == 1
