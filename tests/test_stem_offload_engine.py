@@ -106,3 +106,13 @@ def test_offload_config_errors_are_one_line(override, key):
     assert msg.startswith(key) and "\n" not in msg
     cfg = load_config(tiny, ["stem.offload=host", "stem.cache_fraction=0.25"])
     assert cfg.stem.cache_rows_for(1000) == 250 and cfg.stem.cache_rows_for(3) == 1
+
+
+@pytest.mark.parametrize("offload", ["device", "host"])
+def test_set_rows_after_a_step_releases_the_steps_rows(offload):
+    e = _engine(offload, cache_rows=2)
+    _train(e, steps=1)  # the step's rows stay pinned until the next zero_grad ...
+    e.lookup(torch.tensor([[1, 2, 3]])).gather(0).sum().backward()
+    e.reduce_grads()
+    e.set_rows("step", torch.zeros_like(e.row_state()["step"]))  # ... or until rows are overwritten
+    assert int(e.row_state()["step"].sum()) == 0

@@ -306,8 +306,9 @@ class StemTableEngine:
         [rows_local, F] for one `slot`; step: [rows_local]), e.g. from a checkpoint. Bumps the version."""
         if name not in ("weight", "exp_avg", "exp_avg_sq", "step"):
             raise ValueError(f"unknown row state {name!r}")
-        if self._held or self._unadvanced:
-            raise RuntimeError("set_rows with lookups in flight")
+        self._release_reduced()  # rows of already reduced lookups need no pin any more
+        if self.offload == "host" and (self._held or self._unadvanced):
+            raise RuntimeError("set_rows on host tables with lookups in flight (their cached rows would go stale)")
         with torch.no_grad():
             self._rows.set_rows(name, values, slot)
         self.mark_updated()
