@@ -5,7 +5,7 @@ NPROC ?= 2
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 .PHONY: setup test test-slow test-gpu gpu-check lint bench bench-mlp bench-exchange bench-preprocess bench-train \
-        bench-step bench-generate bench-scale sample-data demo compare clean
+        bench-step bench-generate bench-scale bench-cache bench-offload sample-data demo compare clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -14,9 +14,9 @@ $(PY):
 # CPU machines get the CPU torch build (a bare `torch` would pull a multi-GB CUDA build).
 setup: $(PY)
 ifeq ($(HAS_GPU),1)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,plot]'
 else
-	$(PY) -m pip install -q 'torch==2.13.0' && $(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q 'torch==2.13.0' && $(PY) -m pip install -q -e '.[dev,plot]'
 endif
 	$(PY) -c "import torch, megatron.core, stem_megatron; print('torch', torch.__version__, '| megatron-core', megatron.core.__version__)"
 
@@ -40,7 +40,7 @@ lint: $(PY)
 sample-data: $(PY)
 	$(PY) -m data_tools.sample_corpus --output-dir data/sample
 
-bench: bench-mlp bench-exchange bench-preprocess bench-train bench-generate bench-scale
+bench: bench-mlp bench-exchange bench-preprocess bench-train bench-generate bench-scale bench-cache bench-offload
 
 bench-mlp: $(PY)
 	$(PY) -m benchmarks.bench_mlp
@@ -60,6 +60,14 @@ bench-generate: $(PY)
 	$(PY) -m benchmarks.bench_generate
 bench-scale: $(PY) sample-data
 	$(PY) -m benchmarks.scale_model
+
+# Host tables: row-cache hit rate by policy and size on the sample corpus (writes a PNG too).
+bench-cache: $(PY) sample-data
+	$(PY) -m benchmarks.bench_cache
+
+# Host tables: step time with host tables / with device tables.
+bench-offload: $(PY) sample-data
+	$(PY) -m benchmarks.bench_offload
 
 # The README's main job: a small STEM pretraining on real text (CPU by default).
 demo: setup sample-data

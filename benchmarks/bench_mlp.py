@@ -83,7 +83,7 @@ def _time(fn, sync):
 
 def bench_shape(name, tokens, reps, device, dtype):
     from stem_megatron.stem.engine import StemLookup
-    from stem_megatron.stem.mlp import StemContext
+    from stem_megatron.stem.microbatch import StemContext
 
     sh = SHAPES[name]
     h, f, v = sh["hidden"], sh["ffn"], sh["vocab"]
@@ -106,7 +106,7 @@ def bench_shape(name, tokens, reps, device, dtype):
     def run_stem():
         x = x_sbh.detach().requires_grad_()
         rows = rows_U1F.detach().requires_grad_()
-        stem.stem_context = StemContext(lookup=StemLookup(rows, inv_bs, uniq_U, {}, False), slot_of_layer={0: 0})
+        stem.rows.use(StemContext(lookup=StemLookup(rows, inv_bs, uniq_U, {}, False), slot_of_layer={0: 0}))
         out, _ = stem(x)
         out.backward(grad_sbh)
 

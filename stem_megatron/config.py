@@ -38,6 +38,8 @@ class ConfigError(ValueError):
 
 
 STEM_RATIOS = ("one_third", "half", "all")
+STEM_OFFLOAD = ("device", "host")
+STEM_CACHE_POLICIES = ("lfu", "lru", "lookahead")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
 STEM_EXCHANGES = ("flat", "hierarchical")  # stem/hierarchical.py
 STEM_EXCHANGE_SCOPES = ("microbatch", "step")  # stem/step_scope.py
@@ -294,7 +296,12 @@ class StemConfig:
     warmup_steps: int | None = None  # None = train.warmup_steps
     lr_schedule: str | None = None  # None = train.lr_schedule
     deterministic: bool = False  # bitwise-reproducible sparse gradient accumulation
-    prefetch: bool = True  # start micro-batch i+1's table exchange right after micro-batch i's forward
+    prefetch: bool = True  # start coming micro-batches' table exchanges right after a forward
+    prefetch_depth: int = 1  # how many micro-batches ahead prefetch runs (with stem.prefetch)
+    offload: str = "device"  # where table rows and moments live: device | host (device row cache)
+    cache_rows: int | None = None  # host tables: device cache rows per engine; null = cache_fraction
+    cache_fraction: float = 0.1  # host tables: cache size as a fraction of the engine's local rows
+    cache_policy: str = "lfu"  # host tables: lfu | lru | lookahead
     exchange: str = "flat"  # flat | hierarchical (node de-dupe first; fewer inter-node bytes)
     ranks_per_node: int | None = None  # None = the local world size (torchrun's LOCAL_WORLD_SIZE)
     exchange_scope: str = "microbatch"  # microbatch | step (one exchange of the step's union of ids)
@@ -319,6 +326,21 @@ class StemConfig:
         _require_non_negative(self, s, "min_lr", "weight_decay", "warmup_steps")
         if self.lr_schedule is not None:
             _require_choice("stem.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _require_choice("stem.offload", self.offload, STEM_OFFLOAD)
+        _require_choice("stem.cache_policy", self.cache_policy, STEM_CACHE_POLICIES)
+        _require_positive(self, s, "prefetch_depth", "cache_rows")
+        if not 0 < self.cache_fraction <= 1:
+            _fail("stem.cache_fraction", self.cache_fraction, "must be in (0, 1]")
+        if self.offload == "host" and (self.exchange != "flat" or self.exchange_scope != "microbatch"):
+            # Host tables pin the rows each micro-batch's owner served until the step's update; the
+            # hierarchical exchange and step-scope slices serve rows outside that protocol.
+            _fail("stem.offload", self.offload, "host tables need stem.exchange=flat and stem.exchange_scope=microbatch")
+
+    def cache_rows_for(self, rows_local: int) -> int:
+        """Device cache rows of an engine with `rows_local` rows (host tables)."""
+        if self.cache_rows is not None:
+            return min(self.cache_rows, rows_local)
+        return max(1, min(rows_local, math.ceil(self.cache_fraction * rows_local)))
 
     @property
     def enabled(self) -> bool:

@@ -125,5 +125,4 @@ def owned_rows(engine, full_VLf: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def load_full_table(engine, full_VLf: torch.Tensor) -> None:
     """Set an engine's fp32 master rows from the full-vocabulary table of its layers and TP columns."""
-    engine.weight.copy_(owned_rows(engine, full_VLf.to(engine.weight)))
-    engine.mark_updated()
+    engine.set_rows("weight", owned_rows(engine, full_VLf.to(engine.weight)))

@@ -6,15 +6,14 @@ per layer by `ModuleSpec`. The local spec is used without Transformer Engine, th
 
 Token ids reach the STEM layers through the model's own forward (`StemGPTModel.forward` takes
 `input_ids` on every pipeline stage): one table exchange per micro-batch and chunk produces a
-`StemContext` that every STEM MLP of the chunk reads. Under pipeline schedules a chunk runs the
-forward of later micro-batches before the backward (and activation recompute) of earlier ones,
-so a hook on the chunk's output re-installs that micro-batch's context when its backward starts.
+`StemContext` that every STEM MLP of the chunk reads. The rows' lifecycle (prefetch queue,
+current context, backward-start hook, gradient folding) is the chunk's `MicroBatchRows`
+(stem/microbatch.py), handed to its STEM MLPs through their module spec.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import os
 from collections.abc import Callable
@@ -32,7 +31,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from stem_megatron.config import ExperimentConfig
-from stem_megatron.stem.mlp import StemContext, StemMLP
+from stem_megatron.stem.microbatch import MicroBatchRows
+from stem_megatron.stem.mlp import StemMLP
 
 try:  # Transformer Engine is optional (GPU clusters / NGC containers)
     import transformer_engine  # noqa: F401
@@ -177,8 +177,10 @@ class StemGPTModel(GPTModel):
     """
 
     def __init__(self, *args, engine_factory: Callable | None = None, rope_from_position_ids: bool = False,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
+                 transformer_layer_spec=None, **kwargs):
+        rows = MicroBatchRows()
+        super().__init__(*args, transformer_layer_spec=_with_rows(transformer_layer_spec, rows), **kwargs)
+        self.stem_rows = rows
         # megatron 0.16.1's GPTModel computes RoPE for positions 0..S-1 and ignores position_ids
         # (they only feed learned absolute embeddings); document resets need RoPE at the given ids.
         self.rope_from_position_ids = rope_from_position_ids
@@ -186,12 +188,16 @@ class StemGPTModel(GPTModel):
         layer_ids = [m.layer_number - 1 for m in self.stem_mlps]
         self.stem_slot_of_layer = {layer: slot for slot, layer in enumerate(layer_ids)}
         self.stem_engine = None
-        self._prefetched: list = []  # [(ids, StemPrefetch)] issued ahead, consumed in order
-        self.stem_prefetch_hits = 0  # lookups served by a prefetch (for tests and logging)
         if layer_ids:
             if engine_factory is None:
                 raise ValueError("the model has STEM layers but no engine_factory was given")
             self.stem_engine = engine_factory(layer_ids)
+            rows.bind(self.stem_engine, self.stem_slot_of_layer)
+
+    @property
+    def stem_prefetch_hits(self) -> int:
+        """Lookups served by a prefetch (for tests and logging)."""
+        return self.stem_rows.prefetch_hits
 
     def prefetch_stem(self, input_ids: torch.Tensor) -> None:
         """Start the table exchange for a coming micro-batch (its ids are known before its forward).
@@ -201,25 +207,12 @@ class StemGPTModel(GPTModel):
         micro-batches in the same order (data-parallel ranks run the same schedule).
         """
         if self.stem_engine is not None:
-            self._prefetched.append((input_ids, self.stem_engine.prefetch(input_ids)))
+            self.stem_rows.prefetch(input_ids)
 
     def prefetch_stem_step(self, ids_list: list[torch.Tensor]) -> None:
         """`stem.exchange_scope: step`: one exchange for all of a step's micro-batches, queued in order."""
         if self.stem_engine is not None:
-            handles = self.stem_engine.prefetch_step(ids_list)
-            self._prefetched.extend(zip(ids_list, handles))
-
-    def _lookup(self, input_ids: torch.Tensor):
-        if self._prefetched:
-            ids, handle = self._prefetched[0]
-            if ids is input_ids or (ids.shape == input_ids.shape and torch.equal(ids, input_ids)):
-                self._prefetched.pop(0)
-                self.stem_prefetch_hits += 1
-                return handle.wait()
-            for _, stale in self._prefetched:  # a different order than prefetched: complete and drop
-                stale.wait()
-            self._prefetched.clear()
-        return self.stem_engine.lookup(input_ids)
+            self.stem_rows.prefetch_step(ids_list)
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
         out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
@@ -233,16 +226,6 @@ class StemGPTModel(GPTModel):
         emb_SB1D = emb_SB1D.view(position_ids.shape[1], position_ids.shape[0], *emb_S11D.shape[2:])
         return (out[0], emb_SB1D, *out[2:])
 
-    def _install(self, ctx: StemContext | None) -> None:
-        for mlp in self.stem_mlps:
-            mlp.stem_context = ctx
-
-    def _on_backward_start(self, ctx: StemContext, grad):
-        self._install(ctx)  # this micro-batch's rows, for activation recompute in its backward
-        # Earlier micro-batches' backwards on this chunk are complete: fold their row gradients.
-        self.stem_engine.fold_before(ctx.lookup)
-        return None
-
     def forward(self, input_ids, position_ids, attention_mask, *args, stem_ids=None, **kwargs):
         """GPTModel.forward; `stem_ids` [b, s] (default `input_ids`) are the ids the STEM tables are
         read at, so knowledge editing can change the rows without changing the input text."""
@@ -254,12 +237,32 @@ class StemGPTModel(GPTModel):
             if table_ids.shape != input_ids.shape:
                 raise ValueError(f"stem_ids {tuple(table_ids.shape)} must have the shape of input_ids "
                                  f"{tuple(input_ids.shape)}")
-            ctx = StemContext(lookup=self._lookup(table_ids), slot_of_layer=self.stem_slot_of_layer)
-        self._install(ctx)
+            ctx = self.stem_rows.begin_forward(table_ids)
         out = super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
         if ctx is not None and torch.is_grad_enabled() and out.requires_grad:
-            out.register_hook(functools.partial(self._on_backward_start, ctx))
+            # At this micro-batch's backward start: its rows current again (recompute), earlier ones folded.
+            out.register_hook(self.stem_rows.backward_hook(ctx))
         return out
+
+
+def _with_rows(block_spec, rows: MicroBatchRows):
+    """A copy of `block_spec` whose STEM MLP specs pass `rows` to the modules they build."""
+    if block_spec is None or not hasattr(block_spec, "layer_specs"):
+        return block_spec
+    specs = []
+    for spec in block_spec.layer_specs:
+        mlp = getattr(spec.submodules, "mlp", None)
+        if isinstance(mlp, ModuleSpec) and mlp.module is StemMLP:
+            mlp = copy.copy(mlp)
+            mlp.params = {**(mlp.params or {}), "rows": rows}
+            sub = copy.copy(spec.submodules)
+            sub.mlp = mlp
+            spec = copy.copy(spec)
+            spec.submodules = sub
+        specs.append(spec)
+    out = copy.copy(block_spec)
+    out.layer_specs = specs
+    return out
 
 
 def build_model_chunks(cfg: ExperimentConfig, engine_factory: Callable | None = None) -> list[StemGPTModel]:
@@ -311,10 +314,13 @@ def stem_engine_factory(cfg: ExperimentConfig) -> Callable | None:
         return None
     from stem_megatron.stem.engine import StemTableEngine
     from stem_megatron.stem.groups import build_stem_groups
+    from stem_megatron.stem.ownership import RowOwnership
 
     groups = build_stem_groups(cfg.stem.shard_size)
     tcfg = transformer_config(cfg)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    rows_local = RowOwnership(cfg.model.vocab_size, groups.shard_size).rows_local
 
     def factory(layer_ids: list[int]):
         return StemTableEngine(
@@ -332,6 +338,9 @@ def stem_engine_factory(cfg: ExperimentConfig) -> Callable | None:
             deterministic=cfg.stem.deterministic,
             exchange=cfg.stem.exchange,
             ranks_per_node=cfg.stem.ranks_per_node or _local_world_size(),
+            offload=cfg.stem.offload,
+            cache_rows=cfg.stem.cache_rows_for(rows_local),
+            cache_policy=cfg.stem.cache_policy,
         )
 
     return factory

@@ -24,6 +24,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="stem-train", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="experiment YAML (see configs/)")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved config and counts, then exit")
+    ap.add_argument("--world-size", type=int, default=None,
+                    help="with --dry-run: also print per-rank memory for this many ranks (default $WORLD_SIZE)")
     ap.add_argument("--summary-json", help="rank 0 writes the run summary here")
     ap.add_argument("--load", metavar="CKPT",
                     help="checkpoint to start from when checkpoint.save holds none (sets checkpoint.load)")
@@ -64,6 +66,15 @@ def main(argv=None) -> int:
         print(cfg.to_yaml().rstrip())
         print()
         print(format_counts(cfg))
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", "0"))
+        if world:
+            from stem_megatron.memory import format_memory
+
+            try:
+                print(format_memory(cfg, world))
+            except ConfigError as e:
+                print(f"stem-train: {e}", file=sys.stderr)
+                return 2
         return 0
 
     import warnings

@@ -12,13 +12,16 @@ def _check(rank, world_size):
     from stem_megatron.model import _stem_mlp_spec, transformer_config
     from stem_megatron.parallel import initialize_model_parallel
     from stem_megatron.stem.engine import StemLookup
-    from stem_megatron.stem.mlp import StemContext
+    from stem_megatron.stem.microbatch import MicroBatchRows, StemContext
     from stem_megatron.testing.models import tiny_config
 
     cfg = tiny_config()
     initialize_model_parallel(cfg)
     tcfg = transformer_config(cfg)
-    mlp = build_module(_stem_mlp_spec(use_te=False), config=tcfg)
+    rows_source = MicroBatchRows()
+    spec = _stem_mlp_spec(use_te=False)
+    spec.params = {"rows": rows_source}
+    mlp = build_module(spec, config=tcfg)
     mlp.set_layer_number(2)  # global layer index 1
     h, f, s, b, v = tcfg.hidden_size, tcfg.ffn_hidden_size, 6, 2, 10
     gen = torch.Generator().manual_seed(0)
@@ -35,7 +38,7 @@ def _check(rank, world_size):
         uniq, inv = torch.unique(ids_bs, return_inverse=True)
         rows = table_vf[uniq].unsqueeze(1)  # [U, L=1, f]
         lookup = StemLookup(rows, inv, uniq, stats={}, deterministic=False)
-        mlp.stem_context = StemContext(lookup=lookup, slot_of_layer={1: 0})
+        rows_source.use(StemContext(lookup=lookup, slot_of_layer={1: 0}))
         out, bias = mlp(x_sbh)
         assert bias is None
         return out

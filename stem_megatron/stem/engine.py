@@ -21,6 +21,7 @@ R requests served by this owner, K locally deduplicated rows, G shard size, n to
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,8 @@ from stem_megatron.stem.hierarchical import (
     route_to_aggregators,
 )
 from stem_megatron.stem.ownership import RowOwnership
+from stem_megatron.stem.row_cache import CACHE_POLICIES
+from stem_megatron.stem.row_storage import OFFLOAD_MODES, DeviceRows, HostRows
 from stem_megatron.stem.segment import SegmentPlan, index_sum, unique_sum
 from stem_megatron.stem.step_scope import step_prefetches
 from stem_megatron.stem.table_init import default_init_std, fill_table_rows
@@ -175,9 +178,16 @@ class StemPrefetch:
     changed (an optimizer step between prefetch and wait) raises: the rows would be stale.
     """
 
-    def __init__(self, engine, finish):
+    def __init__(self, engine, finish, advance=None):
         self._engine, self._finish, self._version = engine, finish, engine.version
+        self._advance = advance  # host tables: rows arrive from the host, then their all-to-all starts
         self._lookup: StemLookup | None = None
+
+    def advance(self) -> None:
+        """Start this lookup's row all-to-all (host tables: after its cache misses arrived). Once."""
+        if self._advance is not None:
+            advance, self._advance = self._advance, None
+            advance()
 
     def wait(self) -> StemLookup:
         if self._lookup is None:
@@ -186,7 +196,10 @@ class StemPrefetch:
                     "STEM prefetch crossed an optimizer step: its rows were read before the update; "
                     "prefetch after optimizer.step()"
                 )
+            t0 = time.perf_counter()
+            self._engine._advance_through(self)
             self._lookup = self._finish()
+            self._engine.exposed_wait_seconds += time.perf_counter() - t0
             self._finish = None
         return self._lookup
 
@@ -211,6 +224,9 @@ class StemTableEngine:
         id_exchange: str = "alltoall",
         exchange: str = "flat",
         ranks_per_node: int | None = None,
+        offload: str = "device",
+        cache_rows: int | None = None,
+        cache_policy: str = "lfu",
     ):
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
@@ -226,6 +242,15 @@ class StemTableEngine:
             raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
         if exchange == "hierarchical" and ranks_per_node is None:
             raise ValueError("the hierarchical exchange needs ranks_per_node")
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+        if offload == "host" and (cache_rows is None or cache_rows < 1 or cache_policy not in CACHE_POLICIES):
+            raise ValueError(f"host tables need cache_rows >= 1 and a cache_policy in {CACHE_POLICIES}, "
+                             f"got {cache_rows}, {cache_policy!r}")
+        if offload == "host" and exchange == "hierarchical":
+            # The hierarchical owner serves rows inside its collective (hierarchical.py), outside the
+            # host cache's pin/advance protocol: not combined yet.
+            raise ValueError("host tables (offload=host) with the hierarchical exchange are not supported yet")
         g = _group_size(shard_group)
         self.shard_group = shard_group if g > 1 else None
         self.replica_group = replica_group if _group_size(replica_group) > 1 else None
@@ -267,18 +292,26 @@ class StemTableEngine:
                 # flat works on any layout; it only loses the intra/inter counters
         self.init_std = default_init_std(vocab_size, ffn_hidden_size) if init_std is None else float(init_std)
         self.seed = seed
-        self.weight = torch.empty(
-            self.layout.rows_local, len(layer_ids), cols, dtype=torch.float32, device=self.device
+        init_RLF = torch.empty(
+            self.layout.rows_local, len(layer_ids), cols, dtype=torch.float32,
+            device=self.device if offload == "device" else "cpu",
         )
         fill_table_rows(
-            self.weight,
-            self.global_rows(),
+            init_RLF,
+            self.global_rows().to(init_RLF.device),
             list(self.layout.layer_ids),
             self.layout.col_start,
             self.init_std,
             seed,
             vocab_size,
         )
+        # Row storage (row_storage.py): device memory, or host memory with a device row cache.
+        self.offload = offload
+        self._rows = DeviceRows(init_RLF) if offload == "device" else HostRows(
+            init_RLF, self.device, int(cache_rows), cache_policy)
+        self._unadvanced: list[StemPrefetch] = []  # issued prefetches whose row all-to-all has not started
+        self._held: list[tuple[StemLookup, object]] = []  # (lookup, owner-side RowRead) pinned until reduced
+        self.exposed_wait_seconds = 0.0  # time forwards spent waiting for their rows (StemPrefetch.wait)
         self.version = 0  # bumped by every optimizer update of `weight`
         self.grad_index: torch.Tensor | None = None
         self.grad_values: torch.Tensor | None = None
@@ -299,9 +332,85 @@ class StemTableEngine:
         """[rows_local] global row id of each local row (ids >= vocab_size are padding)."""
         return self.layout.ownership.global_rows(self.layout.shard_rank, self.device)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """fp32 master rows [rows_local, L, F], current (device memory, or host memory with host tables).
+
+        Read-only for code outside stem/: writes go through `set_rows` / `write_row_state`.
+        """
+        return self._rows.weight
+
     def mark_updated(self) -> None:
         """Called by every optimizer step (on every rank, rows touched or not) and by checkpoint loads."""
         self.version += 1
+        self._rows.step_done()
+
+    # ----------------------------------------------------------------- row state (optimizer, checkpoints)
+    def row_state(self) -> dict:
+        """The rows' optimizer state, full local tensors: exp_avg, exp_avg_sq (fp32 like weight), step (int64)."""
+        return self._rows.state()
+
+    def read_row_state(self, idx_n: torch.Tensor):
+        """(weight, exp_avg, exp_avg_sq [n, L, F] fp32, step [n] int64) of local rows idx_n, on the device."""
+        return self._rows.read_state(idx_n)
+
+    def write_row_state(self, idx_n, w_nLF, m_nLF, v_nLF, step_n) -> None:
+        """Store the updated state of local rows idx_n (wherever they live) and bump the version."""
+        self._rows.write_state(idx_n, w_nLF, m_nLF, v_nLF, step_n)
+        self.mark_updated()
+
+    def set_rows(self, name: str, values: torch.Tensor, slot: int | None = None) -> None:
+        """Overwrite all local rows of `name` (weight, exp_avg, exp_avg_sq: [rows_local, L, F], or
+        [rows_local, F] for one `slot`; step: [rows_local]), e.g. from a checkpoint. Bumps the version."""
+        if name not in ("weight", "exp_avg", "exp_avg_sq", "step"):
+            raise ValueError(f"unknown row state {name!r}")
+        self._release_reduced()  # rows of already reduced lookups need no pin any more
+        if self.offload == "host" and (self._held or self._unadvanced):
+            raise RuntimeError("set_rows on host tables with lookups in flight (their cached rows would go stale)")
+        with torch.no_grad():
+            self._rows.set_rows(name, values, slot)
+        self.mark_updated()
+
+    def offload_stats(self) -> dict:
+        """Cumulative counters of the row storage: h2d_bytes, d2h_bytes, gather_seconds, wait_seconds,
+        and with host tables hit_rows / req_rows (per unique row) and hit_weight / req_weight."""
+        return {**self._rows.stats, "exposed_wait_seconds": self.exposed_wait_seconds}
+
+    def _advance_through(self, handle: StemPrefetch) -> None:
+        """Start the row all-to-alls of every prefetch issued up to `handle`, in issue order (the
+        order is the same on every shard rank, so the collectives match)."""
+        while self._unadvanced:
+            h = self._unadvanced.pop(0)
+            h.advance()
+            if h is handle:
+                return
+
+    def announce(self, future_ids: list[torch.Tensor]) -> None:
+        """Host tables with the `lookahead` policy: the ids of the coming micro-batches, in order.
+
+        Collective over the shard group (every shard rank announces the same number of micro-batches,
+        as it runs the same schedule); each owner learns which of its rows are needed when, so its
+        cache keeps them instead of rows with no known use. A no-op for other storages and policies.
+        """
+        cache = getattr(self._rows, "cache", None)
+        if cache is None or cache.policy != "lookahead":
+            return
+        g, me = self.layout.shard_size, self.layout.shard_rank
+        uniq = [torch.unique(ids.reshape(-1).to("cpu", torch.int64)) for ids in future_ids]
+        pos_P = torch.cat([torch.full_like(u, i) for i, u in enumerate(uniq)]) if uniq else torch.empty(0, dtype=torch.int64)
+        ids_P = torch.cat(uniq) if uniq else torch.empty(0, dtype=torch.int64)
+        pairs_2P = torch.stack([pos_P, ids_P])
+        if g > 1:  # every rank's (position, id) pairs; padded to the longest with position -1
+            n = torch.tensor([pairs_2P.shape[1]], dtype=torch.int64, device=self.device)
+            width = max(int(c.item()) for c in all_gather_rows(n, self.shard_group, g))
+            padded = torch.full((2, width), -1, dtype=torch.int64)
+            padded[:, : pairs_2P.shape[1]] = pairs_2P
+            parts = all_gather_rows(padded.to(self.device), self.shard_group, g)
+            pairs_2P = torch.cat([p.cpu() for p in parts], dim=1)
+            pairs_2P = pairs_2P[:, pairs_2P[0] >= 0]
+        mine = (pairs_2P[1] % g == me) & (pairs_2P[1] < self.layout.vocab_size) & (pairs_2P[1] >= 0)
+        pos_P, rows_P = pairs_2P[0, mine], pairs_2P[1, mine] // g
+        cache.announce([rows_P[pos_P == i] for i in range(len(future_ids))])
 
     # ----------------------------------------------------------------- forward exchange
     def prefetch(self, ids: torch.Tensor) -> StemPrefetch:
@@ -317,12 +426,16 @@ class StemTableEngine:
         row_bytes = len(lay.layer_ids) * lay.cols_local * torch.finfo(self.compute_dtype).bits // 8
         if g == 1:
             self._raise_on_bad_ids([meta_M.tolist()])
-            rows_ULF = self.weight.index_select(0, unique_U).to(self.compute_dtype)
+            # Token counts per row weight the cache's LFU counts and its hit rate (host tables).
+            count_U = torch.bincount(inverse_N, minlength=unique_U.numel()) if self.offload == "host" else None
+            read = self._rows.begin_read(unique_U, pin=True, weights_K=count_U)
             stats = lookup_traffic(
                 [meta_M[2:3].tolist()], [meta_M[3:4].tolist()], 0, row_bytes, self.id_exchange
             )
             return StemPrefetch(
-                self, lambda: self._complete(rows_ULF, None, inverse_N, ids.shape, unique_U, stats)
+                self,
+                lambda: self._complete(read.rows().to(self.compute_dtype), None, inverse_N, ids.shape,
+                                       unique_U, stats, read),
             )
 
         if self.exchange == "hierarchical":
@@ -347,19 +460,36 @@ class StemTableEngine:
             lists = all_gather_rows(padded_U, self.shard_group, g)
             req_R = torch.cat([lists[s][sum(uniq_GG[s][:me]) :][: uniq_GG[s][me]] for s in range(g)])
 
-        # Owners gather; C3: rows back, arriving owner-major = in unique_U order.
-        served_RLF = self._serve_rows(req_R)
-        rows_ULF = served_RLF.new_empty((unique_U.numel(), *served_RLF.shape[1:]))
-        work = dist.all_to_all_single(
-            rows_ULF, served_RLF, send_G, recv_G, group=self.shard_group, async_op=True
-        )
+        # Owners gather (host tables: hits now, misses from the host in the background);
+        # C3: rows back, arriving owner-major = in unique_U order.
+        count_R = None
+        if self.offload == "host" and self.id_exchange == "alltoall":  # token counts travel with the ids
+            count_R = req_R.new_empty(req_R.numel())
+            dist.all_to_all_single(count_R, torch.bincount(inverse_N, minlength=unique_U.numel()), recv_G, send_G,
+                                   group=self.shard_group)
+        read = self._rows.begin_read(lay.ownership.local_row(req_R), pin=True, weights_K=count_R)
+        sent: dict = {}
+
+        def start_rows():
+            served_RLF = read.rows().to(self.compute_dtype)
+            sent["rows"] = served_RLF.new_empty((unique_U.numel(), *served_RLF.shape[1:]))
+            sent["work"] = dist.all_to_all_single(
+                sent["rows"], served_RLF, send_G, recv_G, group=self.shard_group, async_op=True
+            )
+
         stats = lookup_traffic(uniq_GG, tok_GG, me, row_bytes, self.id_exchange)
         if self.node_map is not None and self.id_exchange == "alltoall":
             traffic = flat_lookup_traffic(uniq_GG, me, row_bytes, self.node_map)
             stats.update(lookup_stats(traffic, int(ids_N.numel()), int(unique_U.numel())))
-        return StemPrefetch(
-            self, lambda: self._complete(rows_ULF, work, inverse_N, ids.shape, unique_U, stats)
+        handle = StemPrefetch(
+            self,
+            lambda: self._complete(sent["rows"], sent["work"], inverse_N, ids.shape, unique_U, stats, read),
+            advance=start_rows,
         )
+        self._unadvanced.append(handle)
+        if self.offload == "device":  # rows are ready: start their return now, as before
+            self._advance_through(handle)
+        return handle
 
     def _serve_rows(self, req_R: torch.Tensor) -> torch.Tensor:
         """The owner side of an exchange: rows of the global ids req_R (all owned here), compute dtype."""
@@ -403,13 +533,21 @@ class StemTableEngine:
         if msg:
             raise StemIndexError(msg)
 
-    def _complete(self, rows_ULF, work, inverse_N, shape, unique_U, stats) -> StemLookup:
+    def _complete(self, rows_ULF, work, inverse_N, shape, unique_U, stats, read=None) -> StemLookup:
+        """`read`: the owner-side RowRead to unpin once reduced (None: rows served outside the
+        row storage's read protocol, as the hierarchical exchange and step-scope slices do)."""
         if work is not None:
             work.wait()
         rows_ULF = rows_ULF.detach().requires_grad_(torch.is_grad_enabled())
         lk = StemLookup(rows_ULF, inverse_N.view(shape), unique_U, stats, self.deterministic)
         if rows_ULF.requires_grad:
             self._pending.append(lk)
+            # The rows this owner served stay pinned in its cache until the step's gradients are
+            # reduced and applied (the update reads them there); released by zero_grad.
+            if read is not None:
+                self._held.append((lk, read))
+        elif read is not None:
+            self._rows.release(read)
         self.stats.update(stats)
         return lk
 
@@ -525,13 +663,27 @@ class StemTableEngine:
                 return
 
     def zero_grad(self) -> None:
-        """Drop the reduced gradient (pending lookups are kept: they belong to the coming step)."""
+        """Drop the reduced gradient (pending lookups are kept: they belong to the coming step) and
+        unpin the cached rows of lookups whose gradients were reduced."""
         self.grad_index, self.grad_values = None, None
+        self._release_reduced()
+
+    def _release_reduced(self) -> None:
+        pending = {id(lk) for lk in self._pending}
+        keep = []
+        for lk, read in self._held:
+            if id(lk) in pending:
+                keep.append((lk, read))
+            else:
+                self._rows.release(read)
+        self._held = keep
+        self._rows.after_release()
 
     def discard_pending(self) -> None:
         """Forget lookups made with grad enabled whose gradients will never be reduced."""
         self._pending = []
         self._folded = None
+        self._release_reduced()
 
     @property
     def num_pending(self) -> int:
@@ -541,10 +693,11 @@ class StemTableEngine:
     def full_table(self) -> torch.Tensor:
         """fp32 [vocab, L, F] of this TP rank's columns, padding removed. Collective over the shard group."""
         lay = self.layout
+        weight = self.weight.to(self.device)  # host tables: gathered where the collectives run
         parts = (
-            all_gather_rows(self.weight, self.shard_group, lay.shard_size)
+            all_gather_rows(weight, self.shard_group, lay.shard_size)
             if lay.shard_size > 1
-            else [self.weight]
+            else [weight]
         )
         table = torch.stack(parts, dim=1)  # [rows_local, G, L, F]: global row = local * G + g
         return table.reshape(lay.padded_vocab_size, *self.weight.shape[1:])[: lay.vocab_size]
@@ -558,9 +711,7 @@ class StemTableEngine:
             raise ValueError(
                 f"STEM table checkpoint layout {state['layout']} does not match {self.layout.__dict__}"
             )
-        with torch.no_grad():
-            self.weight.copy_(state["weight"])
-        self.mark_updated()
+        self.set_rows("weight", state["weight"])
 
 
 def table_grad_sq_norm(engines: list[StemTableEngine], group=None, device=None) -> torch.Tensor:

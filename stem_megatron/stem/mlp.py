@@ -4,17 +4,16 @@
 it holds no up-projection), `linear_fc2` the row-parallel down-projection. Keeping megatron's
 names keeps local-spec and TE-spec checkpoints interchangeable.
 
-The table rows come from a `StemContext` that the owning `StemGPTModel` sets before each forward
-(and re-sets when that micro-batch's backward starts, see model.py): one exchange per micro-batch
-serves every STEM layer of the model chunk, each layer reads its slot.
+The table rows come from the chunk's `MicroBatchRows` (stem/microbatch.py), given at
+construction (`rows=` in the module spec's params): its `current` context holds the micro-batch's
+rows (the one in forward, or the one whose backward runs); one exchange per micro-batch serves
+every STEM layer of the model chunk, each layer reads its slot.
 
 Legend: s sequence, b micro-batch, h hidden, f = ffn / TP (this rank's columns), U unique ids,
 L STEM layers in the chunk.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,26 +22,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from stem_megatron.stem.microbatch import MicroBatchRows, StemContext
 
-@dataclass
-class StemContext:
-    """The rows of one micro-batch for every STEM layer of a model chunk.
-
-    lookup: the chunk engine's `StemLookup` for this micro-batch's ids `[b, s]` (leaf rows
-    `[U, L, f]`: gradients from every layer, and from activation recompute, accumulate in fp32
-    in the lookup (`lookup.take_grad()`), reduced once per step by the engine);
-    slot_of_layer: global 0-based layer index -> slot in L.
-    """
-
-    lookup: object
-    slot_of_layer: dict[int, int]
-
-    def __post_init__(self):
-        self.inverse_sb = self.lookup.inverse.t().contiguous()  # megatron's activations are [s, b, ...]
-
-    def rows_for(self, layer_index: int) -> torch.Tensor:
-        """Per-token rows [s, b, f] (contiguous) of the STEM layer with global 0-based index `layer_index`."""
-        return self.lookup.gather(self.slot_of_layer[layer_index], self.inverse_sb)
+__all__ = ["StemContext", "StemMLP"]
 
 
 class StemMLP(MegatronModule):
@@ -53,11 +35,12 @@ class StemMLP(MegatronModule):
         config: TransformerConfig,
         submodules: MLPSubmodules,
         tp_group: torch.distributed.ProcessGroup | None = None,
+        rows: MicroBatchRows | None = None,
         **unused,
     ):
         super().__init__(config=config)
         self.layer_number: int | None = None  # global, 1-based (set by TransformerLayer)
-        self.stem_context: StemContext | None = None
+        self.rows = rows if rows is not None else MicroBatchRows()
         self.linear_fc1 = build_module(
             submodules.linear_fc1,
             config.hidden_size,
@@ -89,14 +72,15 @@ class StemMLP(MegatronModule):
         self.layer_number = layer_number
 
     def forward(self, hidden_states: torch.Tensor, **kwargs):
-        if self.stem_context is None:
+        ctx = self.rows.current
+        if ctx is None:
             raise RuntimeError(
                 f"STEM layer {self.layer_number}: no token ids; call the model through StemGPTModel.forward"
             )
         gate_sbf, gate_bias = self.linear_fc1(hidden_states)
         if gate_bias is not None:
             gate_sbf = gate_sbf + gate_bias
-        rows_sbf = self.stem_context.rows_for(self.layer_number - 1)
+        rows_sbf = ctx.rows_for(self.layer_number - 1)
         if rows_sbf.shape != gate_sbf.shape:
             raise RuntimeError(
                 f"STEM layer {self.layer_number}: rows {tuple(rows_sbf.shape)} do not match the gate "

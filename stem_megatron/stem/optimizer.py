@@ -43,14 +43,9 @@ class RowSparseAdamW:
             float(eps),
             float(weight_decay),
         )
-        self.state = [
-            {
-                "exp_avg": torch.zeros_like(e.weight),
-                "exp_avg_sq": torch.zeros_like(e.weight),
-                "step": torch.zeros(e.weight.shape[0], dtype=torch.int64, device=e.weight.device),
-            }
-            for e in self.engines
-        ]
+        # The state lives with the rows (engine.row_state(): device memory, or host memory with
+        # host tables); these dicts are views of it, for checkpoints.
+        self.state = [e.row_state() for e in self.engines]
 
     def zero_grad(self) -> None:
         for e in self.engines:
@@ -60,18 +55,18 @@ class RowSparseAdamW:
     def step(self, lr: float, grad_scale: float = 1.0) -> None:
         """AdamW on the touched rows of every engine (after engine.reduce_grads())."""
         beta1, beta2 = self.betas
-        for e, st in zip(self.engines, self.state):
-            # Every rank bumps the version, touched rows or not: rows it prefetched from other owners
-            # are stale after their update too, and the staleness check must agree across ranks.
-            e.mark_updated()
+        for e in self.engines:
             if e.grad_index is None or e.grad_index.numel() == 0:
+                # Every rank bumps the version, touched rows or not: rows it prefetched from other owners
+                # are stale after their update too, and the staleness check must agree across ranks.
+                e.mark_updated()
                 continue
             idx_n = e.grad_index
             g_nLF = e.grad_values if grad_scale == 1.0 else e.grad_values * grad_scale
-            w_nLF = e.weight.index_select(0, idx_n)
-            m_nLF = st["exp_avg"].index_select(0, idx_n)
-            v_nLF = st["exp_avg_sq"].index_select(0, idx_n)
-            step_n = st["step"].index_select(0, idx_n) + 1
+            # Host tables: the touched rows are in the device cache (pinned since their lookup), so
+            # the update runs on the device and writes through to the host (row_storage.py).
+            w_nLF, m_nLF, v_nLF, step_n = e.read_row_state(idx_n)
+            step_n = step_n + 1
             if self.weight_decay:
                 w_nLF.mul_(1.0 - lr * self.weight_decay)
             m_nLF.lerp_(g_nLF, 1.0 - beta1)
@@ -82,10 +77,7 @@ class RowSparseAdamW:
             neg_step_size_n11 = (-lr / bc1_n).float().view(-1, 1, 1)
             denom_nLF = (v_nLF.sqrt() / bc2_sqrt_n.float().view(-1, 1, 1)).add_(self.eps)
             w_nLF.addcdiv_(m_nLF * neg_step_size_n11, denom_nLF)  # the operation order of torch's AdamW
-            e.weight.index_copy_(0, idx_n, w_nLF)
-            st["exp_avg"].index_copy_(0, idx_n, m_nLF)
-            st["exp_avg_sq"].index_copy_(0, idx_n, v_nLF)
-            st["step"].index_copy_(0, idx_n, step_n)
+            e.write_row_state(idx_n, w_nLF, m_nLF, v_nLF, step_n)  # bumps the version
 
     def state_dict(self) -> dict:
         """This rank's shard of the optimizer state, with each engine's layout for checking on load."""
@@ -104,12 +96,12 @@ class RowSparseAdamW:
             raise ValueError(
                 f"checkpoint has {len(state['engines'])} STEM engines, this model {len(self.engines)}"
             )
-        for e, st, saved in zip(self.engines, self.state, state["engines"]):
+        for e, saved in zip(self.engines, state["engines"]):
             if saved["layout"] != e.layout.__dict__:
                 raise ValueError(
                     f"STEM optimizer layout {saved['layout']} does not match {e.layout.__dict__}"
                 )
             for k in ("exp_avg", "exp_avg_sq", "step"):
-                st[k].copy_(saved[k])
+                e.set_rows(k, saved[k])
         self.betas = tuple(state["betas"])
         self.eps, self.weight_decay = state["eps"], state["weight_decay"]

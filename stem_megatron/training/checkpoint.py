@@ -214,18 +214,14 @@ class Checkpointer:
         A weights-only checkpoint (`stem-import`) has `weight` alone: the table optimizer keeps its
         fresh state (zero moments, step 0)."""
         reader = TableReader(ckpt, index)
-        for e, st in zip(trainer.engines, trainer.table_optimizer.state):
+        for e in trainer.engines:
             lay = e.layout
             target = TableTarget(e.global_rows(), lay.col_start, lay.cols_local)
             steps = None
             for slot, layer in enumerate(lay.layer_ids):
                 out, step = reader.read_layer(layer, target, kinds=kinds)
-                with torch.no_grad():
-                    e.weight[:, slot].copy_(out["weight"])
-                    if "exp_avg" not in out:
-                        continue
-                    st["exp_avg"][:, slot].copy_(out["exp_avg"])
-                    st["exp_avg_sq"][:, slot].copy_(out["exp_avg_sq"])
+                for kind in kinds:
+                    e.set_rows(kind, out[kind], slot=slot)
                 if steps is None:
                     steps = step
                 elif not torch.equal(steps, step):
@@ -233,6 +229,5 @@ class Checkpointer:
                         f"checkpoint {ckpt}: STEM layers {lay.layer_ids[0]} and {layer} have different per-row update "
                         "counts; they cannot share one engine"
                     )
-            if steps is not None:
-                st["step"].copy_(steps)
-            e.mark_updated()
+            if kinds == KINDS:  # weights-only files carry no per-row steps: the fresh zeros stay
+                e.set_rows("step", steps)

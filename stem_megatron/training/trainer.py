@@ -32,6 +32,7 @@ from stem_megatron.stem.engine import StemIndexError, table_grad_sq_norm
 from stem_megatron.training.batches import StepBatches
 from stem_megatron.training.lr_schedule import dense_schedule, table_schedule
 from stem_megatron.training.metrics import MetricsLogger
+from stem_megatron.training.offload_metrics import OffloadMeter
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "H800": 989e12, "B200": 2250e12}
 
@@ -72,7 +73,7 @@ def peak_flops() -> float | None:
 
 
 class _Peekable:
-    """Iterator over one step's micro-batches that can show the next one (for STEM prefetch)."""
+    """Iterator over one step's micro-batches that can show coming ones (for STEM prefetch)."""
 
     def __init__(self, items):
         self.items, self.i = items, 0
@@ -86,8 +87,10 @@ class _Peekable:
         self.i += 1
         return self.items[self.i - 1]
 
-    def peek(self):
-        return self.items[self.i] if self.i < len(self.items) else None
+    def peek(self, ahead: int = 0):
+        """The micro-batch `ahead` places after the next one (None past the step's end)."""
+        j = self.i + ahead
+        return self.items[j] if j < len(self.items) else None
 
 
 def _unwrap(model):
@@ -128,6 +131,7 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.chunks = build_model_chunks(cfg, stem_engine_factory(cfg))
         self.engines = [c.stem_engine for c in self.chunks if c.stem_engine is not None]
+        self.offload_meter = OffloadMeter(self.engines)
         tcfg = self.chunks[0].config
         tcfg.calculate_per_token_loss = True
         self.bf16 = tcfg.bf16
@@ -241,12 +245,23 @@ class Trainer:
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
+        chunk = _unwrap(model)
+        depth = self.cfg.stem.prefetch_depth
+        # With step scope the whole step's exchange was issued before the schedule (train_step).
+        prefetch = self.cfg.stem.prefetch and not self._step_scope_active
+        if prefetch and depth > 1 and data_iterator.i == 1:
+            # First micro-batch of the step: open the window (this one and the depth - 1 after it).
+            chunk.prefetch_stem(batch["tokens"])
+            for k in range(depth - 1):
+                if data_iterator.peek(k) is not None:
+                    chunk.prefetch_stem(data_iterator.peek(k)["tokens"])
         # position_ids reach RoPE only with data.reset_position_ids (model.StemGPTModel._preprocess);
         # attention_mask is in the batch only with data.reset_attention_mask.
         out = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
-        upcoming = data_iterator.peek()
-        if upcoming is not None and self.cfg.stem.prefetch and not self._step_scope_active:
-            _unwrap(model).prefetch_stem(upcoming["tokens"])
+        # Keep `stem.prefetch_depth` micro-batches in flight: issue the one `depth` places ahead.
+        upcoming = data_iterator.peek(depth - 1)
+        if upcoming is not None and prefetch:
+            chunk.prefetch_stem(upcoming["tokens"])
         poison = self.step in self.poison_steps and model.training
         return out, functools.partial(_loss_func, batch["loss_mask"], poison)
 
@@ -283,6 +298,13 @@ class Trainer:
         self.optimizer.zero_grad()
         self.table_optimizer.zero_grad()
         batches = self.train_batches(self.step, self.device)
+        if self.engines and self.cfg.stem.offload == "host" and self.cfg.stem.cache_policy == "lookahead":
+            # The data order is known: tell the row caches this step's and the next step's ids.
+            coming = list(batches)
+            if self.step + 1 < self.cfg.train.train_steps:
+                coming += self.train_batches(self.step + 1, self.device)
+            for e in self.engines:
+                e.announce([b["tokens"] for b in coming])
         total = self._run_schedule(batches, forward_only=False)
         loss_sum, tokens = total[0].item(), int(total[1].item())
         for e in self.engines:
@@ -381,6 +403,8 @@ class Trainer:
             "stem/exchange_bytes_received": stats.get("bytes_received"),
             "stem/unique_fraction": sum(uf) / len(uf) if uf else None,
         }
+        offload = self.offload_meter.step_scalars() if self.engines else {}
+        scalars.update(offload)
         self.metrics.scalars(r.step, scalars)
         if r.step % cfg.logging.log_interval == 0 or r.step == 1 or r.skipped:
             mfu_txt = f" mfu {100 * mfu:.1f}%" if mfu is not None else ""
@@ -388,6 +412,7 @@ class Trainer:
             self.metrics.line(
                 f"step {r.step}/{cfg.train.train_steps} loss {r.loss:.4f} lr {r.lr:.2e} grad {r.grad_norm:.3f} "
                 f"{tokens_per_s:,.0f} tok/s {r.seconds * 1000:.0f} ms{mfu_txt}{uf_txt}"
+                + (OffloadMeter.console(offload) if offload else "")
                 + (f" SKIPPED ({self.skipped_steps} total)" if r.skipped else "")
             )
 

@@ -1,0 +1,54 @@
+"""Per-step row-storage metrics of the table engines (host tables: cache and transfer figures).
+
+`OffloadMeter.step_scalars()` turns the engines' cumulative counters (engine.offload_stats) into
+the step's TensorBoard scalars:
+- stem/cache_token_hit_rate: requested rows already resident, weighted by their tokens;
+- stem/cache_row_hit_rate: the same per unique row (each owner counts a micro-batch's rows once);
+- stem/h2d_bytes, stem/d2h_bytes: host-to-device (cache misses with their moments) and
+  device-to-host (write-through of updated rows) bytes this step;
+- stem/host_gather_s: worker time selecting rows on the host;
+- stem/exposed_wait_s: time forwards waited for their rows (host gathers and the row all-to-all).
+Hit rates are None with device tables (there is no cache).
+"""
+
+from __future__ import annotations
+
+KEYS = ("hit_weight", "req_weight", "hit_rows", "req_rows", "h2d_bytes", "d2h_bytes", "gather_seconds",
+        "exposed_wait_seconds")
+
+
+class OffloadMeter:
+    def __init__(self, engines):
+        self.engines = engines
+        self.prev = self._totals()
+
+    def _totals(self) -> dict:
+        out = dict.fromkeys(KEYS, 0.0)
+        for e in self.engines:
+            st = e.offload_stats()
+            for k in KEYS:
+                out[k] += st.get(k, 0.0)
+        return out
+
+    def step_scalars(self) -> dict:
+        now = self._totals()
+        d = {k: now[k] - self.prev[k] for k in KEYS}
+        self.prev = now
+        return {
+            "stem/cache_token_hit_rate": d["hit_weight"] / d["req_weight"] if d["req_weight"] else None,
+            "stem/cache_row_hit_rate": d["hit_rows"] / d["req_rows"] if d["req_rows"] else None,
+            "stem/h2d_bytes": d["h2d_bytes"],
+            "stem/d2h_bytes": d["d2h_bytes"],
+            "stem/host_gather_s": d["gather_seconds"],
+            "stem/exposed_wait_s": d["exposed_wait_seconds"],
+        }
+
+    @staticmethod
+    def console(scalars: dict) -> str:
+        """' cache 0.91/0.78 h2d 1.2MB d2h 3.4MB wait 5ms' (host tables), else ' wait 5ms'."""
+        wait = f" wait {1000 * scalars['stem/exposed_wait_s']:.0f}ms"
+        if scalars["stem/cache_token_hit_rate"] is None:
+            return wait
+        return (f" cache {scalars['stem/cache_token_hit_rate']:.2f}/{scalars['stem/cache_row_hit_rate']:.2f}"
+                f" h2d {scalars['stem/h2d_bytes'] / 1e6:.1f}MB d2h {scalars['stem/d2h_bytes'] / 1e6:.1f}MB"
+                f" gather {1000 * scalars['stem/host_gather_s']:.0f}ms{wait}")

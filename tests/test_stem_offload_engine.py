@@ -1,0 +1,118 @@
+"""Host tables at the engine level, without megatron: bitwise like device tables, counters right.
+
+A single-process engine (so the whole table is local): micro-batches prefetched several deep
+under a cache of 3 rows, backward, reduce, RowSparseAdamW steps; lookups, rows, moments and step
+counters equal the device engine's exactly. The metric counters follow a hand count.
+"""
+
+import pytest
+import torch
+
+from stem_megatron.stem.engine import StemTableEngine
+from stem_megatron.stem.optimizer import RowSparseAdamW
+from stem_megatron.training.offload_metrics import OffloadMeter
+
+V, LAYERS, F = 40, [0, 2], 6
+
+
+def _engine(offload, policy="lfu", cache_rows=3):
+    kw = dict(offload="host", cache_rows=cache_rows, cache_policy=policy) if offload == "host" else {}
+    return StemTableEngine(V, LAYERS, F, deterministic=True, seed=7, **kw)
+
+
+def _train(engine, steps=3, depth=3, mbs=4):
+    opt = RowSparseAdamW([engine], weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+    seen = []
+    for _ in range(steps):
+        batches = [torch.randint(0, V, (2, 5), generator=g) for _ in range(mbs)]
+        grads = [torch.randn(2, 5, F, generator=g) for _ in range(mbs)]
+        engine.announce(batches)
+        handles = [engine.prefetch(b) for b in batches[:depth]]
+        for i in range(mbs):
+            lk = handles[i].wait()
+            if i + depth < mbs:
+                handles.append(engine.prefetch(batches[i + depth]))
+            loss = sum((lk.gather(s) * grads[i] * (s + 1)).sum() for s in range(len(LAYERS)))
+            loss.backward()
+            seen.append(lk.rows.detach().clone())
+        engine.reduce_grads()
+        opt.step(lr=1e-2, grad_scale=0.5)
+        opt.zero_grad()
+    return seen, [engine.weight.clone()] + [t.clone() for t in engine.row_state().values()]
+
+
+@pytest.mark.parametrize("policy", ["lfu", "lru", "lookahead"])
+def test_host_engine_trains_bitwise_like_device_engine(policy):
+    ref_rows, ref_state = _train(_engine("device"))
+    host = _engine("host", policy)
+    rows, state = _train(host)
+    assert all(torch.equal(a, b) for a, b in zip(rows, ref_rows))
+    assert all(torch.equal(a, b) for a, b in zip(state, ref_state))
+    st = host.offload_stats()
+    assert st["evictions"] > 0 and st["evicted_pinned"] == 0 and st["host_updates"] == 0
+    assert host.weight.device.type == "cpu" and host._rows.cache.capacity == 3
+
+
+def test_counters_follow_a_hand_count():
+    e = _engine("host", cache_rows=10)
+    meter = OffloadMeter([e])
+    row_bytes = 3 * len(LAYERS) * F * 4  # fp32 row + two moments
+    ids = torch.tensor([[1, 1, 2, 3]])
+    lk = e.lookup(ids)  # all 3 rows miss
+    s = meter.step_scalars()
+    assert (s["stem/cache_token_hit_rate"], s["stem/cache_row_hit_rate"], s["stem/h2d_bytes"]) == (0.0, 0.0, 3 * row_bytes)
+    lk.gather(0).sum().backward()
+    e.reduce_grads()
+    RowSparseAdamW([e]).step(lr=1e-3)
+    assert meter.step_scalars()["stem/d2h_bytes"] == 3 * (row_bytes + 8)  # write-through of the updated rows
+    e.zero_grad()
+    e.lookup(torch.tensor([[1, 4, 4]]))  # row 1 (1 token) hits, row 4 (2 tokens) misses
+    s = meter.step_scalars()
+    assert s["stem/cache_token_hit_rate"] == pytest.approx(1 / 3) and s["stem/cache_row_hit_rate"] == 0.5
+    assert s["stem/h2d_bytes"] == row_bytes and s["stem/exposed_wait_s"] >= 0
+    assert "cache 0.33/0.50" in OffloadMeter.console(s)
+
+
+def test_set_rows_replaces_cached_rows_and_bumps_the_version():
+    e = _engine("host", cache_rows=10)
+    e.lookup(torch.tensor([[5, 6]]))  # no grad pending: rows released after the lookup
+    e.discard_pending()
+    v = e.version
+    new = torch.arange(e.weight.numel(), dtype=torch.float32).view_as(e.weight)
+    e.set_rows("weight", new)
+    assert e.version == v + 1
+    with torch.no_grad():
+        lk = e.lookup(torch.tensor([[5, 6]]))
+    assert torch.equal(lk.rows, new[[5, 6]])
+    with pytest.raises(ValueError, match="offload"):
+        StemTableEngine(V, LAYERS, F, offload="disk")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("stem.offload=disk", "stem.offload"), ("stem.cache_policy=fifo", "stem.cache_policy"),
+    ("stem.cache_rows=0", "stem.cache_rows"), ("stem.cache_fraction=1.5", "stem.cache_fraction"),
+    ("stem.prefetch_depth=0", "stem.prefetch_depth"),
+])
+def test_offload_config_errors_are_one_line(override, key):
+    from pathlib import Path
+
+    from stem_megatron.config import ConfigError, load_config
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny_stem.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(tiny, [override])
+    msg = str(info.value)
+    assert msg.startswith(key) and "\n" not in msg
+    cfg = load_config(tiny, ["stem.offload=host", "stem.cache_fraction=0.25"])
+    assert cfg.stem.cache_rows_for(1000) == 250 and cfg.stem.cache_rows_for(3) == 1
+
+
+@pytest.mark.parametrize("offload", ["device", "host"])
+def test_set_rows_after_a_step_releases_the_steps_rows(offload):
+    e = _engine(offload, cache_rows=2)
+    _train(e, steps=1)  # the step's rows stay pinned until the next zero_grad ...
+    e.lookup(torch.tensor([[1, 2, 3]])).gather(0).sum().backward()
+    e.reduce_grads()
+    e.set_rows("step", torch.zeros_like(e.row_state()["step"]))  # ... or until rows are overwritten
+    assert int(e.row_state()["step"].sum()) == 0

@@ -1,0 +1,143 @@
+"""Host tables (`stem.offload: host`) with a device row cache train bitwise like device tables.
+
+Deterministic mode, a cache of 4 rows per engine (far fewer than the rows a step touches, so rows
+are evicted between and within steps), one micro-batch of 1 sequence per forward (4 per rank and
+step). For DP2 with tables sharded over 2 ranks and for TP2 x DP2 (shard 2, replicas 2), every
+cache policy and prefetch depths 1 and 2: per-step losses and gradient norms, and after the last
+step the dense weights, table rows, moments and step counters equal the device-table run exactly.
+Under this eviction pressure no pinned row is evicted, and every row the optimizer updates was
+still in the cache (rows touched only by another replica excepted, which are read from the host).
+
+Checkpoints: a run saved after 2 steps with host tables and resumed with device tables, and the
+reverse, give the per-step losses of the uninterrupted run (the DP2 world runs these too, to
+spawn one world less).
+"""
+
+import pytest
+import torch
+
+from stem_megatron.testing.distributed import run_distributed
+from stem_megatron.testing.models import TokenDataset
+
+STEPS = 3
+CACHE_ROWS = 4
+VARIANTS = [("device", dict(offload="device", prefetch_depth=1))] + [
+    (f"host_{policy}_depth{depth}", dict(offload="host", cache_rows=CACHE_ROWS, cache_policy=policy, prefetch_depth=depth))
+    for policy in ("lfu", "lru", "lookahead")
+    for depth in (1, 2)
+]
+# The default run covers TP2 x DP2 with each policy once and both depths (4 ranks on a 2-core
+# machine are slow); `make test-slow` runs the whole matrix there too.
+TP2_DEFAULT = ("device", "host_lfu_depth1", "host_lru_depth2", "host_lookahead_depth2")
+
+
+def _trainer(layout, shard_size, stem, save=None, steps=STEPS):
+    from stem_megatron.config import CheckpointConfig
+    from stem_megatron.testing.models import reference_model, tiny_config
+    from stem_megatron.training.checkpoint import Checkpointer
+    from stem_megatron.training.trainer import Trainer
+
+    cfg = tiny_config(deterministic=True, micro_batch_size=1, shard_size=shard_size, **layout)
+    cfg.train.lr, cfg.train.warmup_steps, cfg.train.train_steps = 3e-3, 1, steps
+    cfg.stem.lr = 1e-2
+    for key, value in stem.items():
+        setattr(cfg.stem, key, value)
+    trainer = Trainer(cfg)
+    if save:
+        trainer.checkpointer = Checkpointer(CheckpointConfig(save=save, keep_last=1))
+    trainer.setup(datasets=(TokenDataset(64, cfg.model.seq_length, 60, seed=3), None))
+    if trainer.step == 0:
+        trainer.load_full_weights(reference_model(cfg, seed=0).state_dict())
+    return trainer
+
+
+def _save_and_resume(layout, shard_size, tmp):
+    """{name: per-step losses} of uninterrupted, host->device and device->host resumed runs (4 steps)."""
+    import os
+
+    from megatron.core import parallel_state
+
+    host = dict(offload="host", cache_rows=CACHE_ROWS, cache_policy="lfu", prefetch_depth=2)
+    device = dict(offload="device")
+    out = {}
+    runs = [("uninterrupted", device, None), ("host_then_device", host, device), ("device_then_host", device, host)]
+    for name, first, second in runs:
+        save = os.path.join(tmp, name)
+        losses = {}
+        for stem in (first, second) if second else (first,):
+            trainer = _trainer(layout, shard_size, stem, save=save if second else None, steps=4)
+            stop = 2 if trainer.step == 0 and second else 4
+            while trainer.step < stop:
+                r = trainer.train_step()
+                losses[r.step] = r.loss
+            if second:
+                trainer.checkpointer.save(trainer)
+            parallel_state.destroy_model_parallel()
+        out[name] = losses
+    return out
+
+
+def _train_variants(rank, world_size, layout, shard_size, tmp=None, names=None):
+    from megatron.core import parallel_state
+
+    out = {}
+    for name, stem in VARIANTS:
+        if names is not None and name not in names:
+            continue
+        trainer = _trainer(layout, shard_size, stem)
+        steps = [(r.loss, r.grad_norm) for r in (trainer.train_step() for _ in range(STEPS))]
+        tensors = [p.detach().clone() for c in trainer.chunks for p in c.parameters()]
+        for e in trainer.engines:
+            tensors.append(e.weight.detach().cpu().clone())
+            tensors += [v.detach().cpu().clone() for v in e.row_state().values()]
+        stats = [e.offload_stats() for e in trainer.engines]
+        replicas = trainer.engines[0].num_replicas
+        out[name] = (steps, tensors, stats, replicas, sum(c.stem_prefetch_hits for c in trainer.chunks))
+        parallel_state.destroy_model_parallel()
+    # Compare here: tensors sent back through the result queue travel as shared-memory handles that
+    # may vanish with the rank's process before the parent reads them.
+    ref = out["device"][1]
+    for name, (steps, tensors, stats, replicas, hits) in out.items():
+        differ = [i for i, (a, b) in enumerate(zip(tensors, ref)) if not torch.equal(a, b)]
+        out[name] = (steps, (len(tensors), differ), stats, replicas, hits)
+    if tmp is not None:
+        out["checkpoints"] = _save_and_resume(layout, shard_size, tmp)
+    return out
+
+
+@pytest.mark.parametrize(
+    "name,world,layout,names",
+    [
+        ("dp2_shard2", 2, dict(), None),
+        ("tp2_dp2", 4, dict(tp=2), TP2_DEFAULT),
+        pytest.param("tp2_dp2_all", 4, dict(tp=2), None, marks=pytest.mark.slow),
+    ],
+)
+def test_host_tables_train_bitwise_like_device_tables(name, world, layout, names, tmp_path):
+    tmp = str(tmp_path) if name == "dp2_shard2" else None
+    results = run_distributed(_train_variants, world_size=world, args=(layout, 2, tmp, names), timeout=600)
+    if tmp is not None:
+        ckpt = results[0].pop("checkpoints")
+        ref = ckpt["uninterrupted"]
+        assert sorted(ref) == [1, 2, 3, 4]
+        for run in ("host_then_device", "device_then_host"):
+            assert ckpt[run] == ref, f"{run}: losses {ckpt[run]} vs uninterrupted {ref}"
+        for out in results[1:]:
+            out.pop("checkpoints")
+    for rank, out in enumerate(results):
+        ref_steps, (ref_count, _), _, _, _ = out["device"]
+        for variant, (steps, (count, differ), stats, replicas, hits) in out.items():
+            where = f"{name} rank {rank} {variant}"
+            assert steps == ref_steps, f"{where}: losses/grad norms {steps} vs device {ref_steps}"
+            assert count == ref_count and count > 0
+            assert not differ, f"{where}: tensors {differ} (dense weights, rows, moments, steps) differ from device tables"
+            assert hits > 0, f"{where}: prefetched exchanges were not used"
+            if variant == "device":
+                continue
+            for st in stats:
+                assert st["evictions"] > 0, f"{where}: no eviction, the cache was not under pressure"
+                assert st["evicted_pinned"] == 0, f"{where}: a pinned row was evicted"
+                assert st["hit_rows"] > 0 and st["hit_rows"] < st["req_rows"], f"{where}: {st}"
+                assert st["h2d_bytes"] > 0 and st["d2h_bytes"] > 0
+                if replicas == 1:
+                    assert st["host_updates"] == 0, f"{where}: {st['host_updates']} updated rows had left the cache"
