@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stem_megatron.config import ExperimentConfig
+from stem_megatron.stem.ownership import RowOwnership
 
 __all__ = ["StageMemory", "stage_memory", "format_memory"]
 
@@ -68,7 +69,7 @@ def stage_memory(cfg: ExperimentConfig, world_size: int) -> list[StageMemory]:
     bf16 = cfg.train.precision in ("bf16", "auto")
     shards = dp * cp if p.use_distributed_optimizer else 1
     group = s.shard_size or dp * cp
-    rows_local = -(-m.vocab_size // group)
+    rows_local = RowOwnership(m.vocab_size, group).rows_local
     out = []
     for stage in range(pp):
         layers = [i for chunk in _stage_chunks(cfg, stage) for i in chunk]

@@ -408,8 +408,9 @@ class StemTableEngine:
             parts = all_gather_rows(padded.to(self.device), self.shard_group, g)
             pairs_2P = torch.cat([p.cpu() for p in parts], dim=1)
             pairs_2P = pairs_2P[:, pairs_2P[0] >= 0]
-        mine = (pairs_2P[1] % g == me) & (pairs_2P[1] < self.layout.vocab_size) & (pairs_2P[1] >= 0)
-        pos_P, rows_P = pairs_2P[0, mine], pairs_2P[1, mine] // g
+        own = self.layout.ownership
+        mine = (own.owner(pairs_2P[1]) == me) & (pairs_2P[1] < self.layout.vocab_size) & (pairs_2P[1] >= 0)
+        pos_P, rows_P = pairs_2P[0, mine], own.local_row(pairs_2P[1, mine])
         cache.announce([rows_P[pos_P == i] for i in range(len(future_ids))])
 
     # ----------------------------------------------------------------- forward exchange
