@@ -98,6 +98,8 @@ def _conform(value: Any, hint: Any, key: str) -> Any:
         except ConfigError:
             _fail(key, value, f"must be {_describe(hint)}")
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):  # `.inf`, `1e400`, `.nan`: accepted, they train to NaN
+            _fail(key, value, "must be a finite number")
         return float(value)
     if origin is list:
         (item,) = typing.get_args(hint)
@@ -439,6 +441,8 @@ class DataConfig:
         _check_types(self, "data")
         if not self.mock and not self.data_path:
             _fail("data.data_path", self.data_path, "must be non-empty unless data.mock=true")
+        if not self.mock and self.tokenizer is None:
+            _fail("data.tokenizer", None, "required with data.data_path: the tokenizer that made the data")
         self._check_data_path()
         try:
             weights = [float(w) for w in self.split.split(",")]
@@ -759,9 +763,13 @@ def _check_override_key(key: str) -> list[str]:
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """A copy of `data` with each `section.field=value` override applied in order."""
     result = copy.deepcopy(dict(data))
+    seen: dict[str, str] = {}
     for text in overrides:
         key, value = parse_override(text)
         parts = _check_override_key(key)
+        if key in seen:  # the last one would win silently: almost always a pasting mistake
+            raise ConfigError(f"{key}: given twice on the command line ({seen[key]} and {text}); keep one")
+        seen[key] = text
         node = result
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -778,9 +786,12 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentCo
     """Read a YAML experiment config, apply dotted overrides, validate."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line})") from None
     data = parse_yaml(text, str(path))
     if not isinstance(data, dict):
         _fail(str(path), data, "the top level of a config must be a mapping")
