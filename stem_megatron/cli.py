@@ -82,8 +82,14 @@ def classify(exc: BaseException, errors: Errors) -> tuple[str, int] | None:
         return str(exc), exc.code
     for kind, code, prefix in errors:
         if isinstance(exc, kind):
-            return prefix + str(exc).replace("\n", " "), code
+            return prefix + _one_line(exc), code
     return None
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:  # "PATH: Permission denied", not "[Errno 13] ..."
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc).replace("\n", " ")
 
 
 def say(prog: str, message: str, *, every_rank: bool = False) -> None:
