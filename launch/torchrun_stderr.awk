@@ -1,7 +1,7 @@
 # Filter for torchrun's stderr, used by launch/torchrun.sh (see the comment there).
 #
 # Lines pass through as they come, except:
-# - torchrun's elastic-agent failure log lines ("Sending process N closing signal",
+# - torchrun's elastic-agent failure log lines ("Sending process N closing signal", "Received N death signal",
 #   "failed (exitcode: N)"), held until the end;
 # - everything from an unprefixed "Traceback (most recent call last):" (worker tracebacks are
 #   prefixed "[rankN]:") held until the end. At the end, the part before the last such line is
@@ -22,7 +22,7 @@ BEGIN { nheld = 0; nbuf = 0; last_tb = 0 }
         next
     }
     if (nbuf > 0) { buf[++nbuf] = $0; next }
-    if ($0 ~ /^[WE][0-9]+ [0-9:.]+ [0-9]+ .*torch\/distributed\/elastic\/.*(closing signal|failed \(exitcode)/) {
+    if ($0 ~ /^[WE][0-9]+ [0-9:.]+ [0-9]+ .*torch\/distributed\/elastic\/.*(closing signal|failed \(exitcode|death signal)/) {
         held[++nheld] = $0
         next
     }

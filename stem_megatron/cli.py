@@ -80,13 +80,34 @@ def classify(exc: BaseException, errors: Errors) -> tuple[str, int] | None:
     """(one-line message, exit code) for an error the user caused; None for anything else."""
     if isinstance(exc, UserError):
         return str(exc), exc.code
+    te = te_import_failure(exc)
+    if te is not None:
+        return te, EXIT_INPUT
     for kind, code, prefix in errors:
         if isinstance(exc, kind):
-            return prefix + _one_line(exc), code
+            return prefix + one_line(exc), code
     return None
 
 
-def _one_line(exc: BaseException) -> str:
+def te_import_failure(exc: BaseException) -> str | None:
+    """The one line for a Transformer Engine that is installed but breaks on import, or None.
+
+    megatron-core imports TE when it is present and only tolerates it being absent, so a broken
+    install (a missing CUDA library, a version mismatch) fails every import of megatron.core.
+    """
+    if not isinstance(exc, ImportError | OSError):
+        return None
+    frames = traceback.extract_tb(exc.__traceback__)
+    text = str(exc)
+    if not (any("transformer_engine" in f.filename for f in frames)
+            or "transformer_engine" in text or "transformer-engine" in text):
+        return None
+    return (f"Transformer Engine is installed but does not import ({type(exc).__name__}: {one_line(exc)}); "
+            "megatron-core cannot load with it: repair it, or remove it (pip uninstall transformer-engine) "
+            "to train with model.transformer_impl=local")
+
+
+def one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:  # "PATH: Permission denied", not "[Errno 13] ..."
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
     return str(exc).replace("\n", " ")

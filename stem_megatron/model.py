@@ -48,7 +48,7 @@ except Exception as _e:  # ImportError, or TE present but broken for this torch/
     HAVE_TE = False
     # Not installed is normal (CPU boxes); installed but failing to import is worth one line
     # (train.py reports it), since `transformer_impl: auto` then silently runs the local path.
-    _missing = isinstance(_e, ModuleNotFoundError) and (_e.name or "").split(".")[0] == "transformer_engine"
+    _missing = isinstance(_e, ModuleNotFoundError) and _e.name == "transformer_engine"
     TE_IMPORT_ERROR = None if _missing else f"{type(_e).__name__}: {_e}".replace("\n", " ")
 
 

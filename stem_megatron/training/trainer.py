@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from stem_megatron.cli import EXIT_CHECKPOINT, UserError
+from stem_megatron.cli import EXIT_CHECKPOINT, UserError, one_line
 from stem_megatron.config import ExperimentConfig
 from stem_megatron.flops import flops_per_token
 from stem_megatron.stem.engine import table_grad_sq_norm
@@ -315,7 +315,7 @@ class Trainer:
             # A rank whose peer died mid-collective says nothing: the rank that failed says why.
             peer_gone = isinstance(e, dist.DistError) or "closed by peer" in str(e)
             raise UserError(f"checkpoint error: saving step {self.step} to {self.cfg.checkpoint.save} failed "
-                            f"({type(e).__name__}: {e}); the previous checkpoint is intact",
+                            f"({one_line(e)}); the previous checkpoint is intact",
                             EXIT_CHECKPOINT, reporter="none" if peer_gone else "self") from e
 
     def _scale_dense_grads(self, coef: float) -> None:
