@@ -25,6 +25,7 @@ import math
 import re
 import types
 import typing
+import warnings
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,10 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration value breaks a rule; the message names the key and the rule."""
+
+
+class ConfigWarning(UserWarning):
+    """A configuration that works but is probably not what was meant (an override given twice)."""
 
 
 STEM_RATIOS = ("one_third", "half", "all")
@@ -767,8 +772,9 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
     for text in overrides:
         key, value = parse_override(text)
         parts = _check_override_key(key)
-        if key in seen:  # the last one would win silently: almost always a pasting mistake
-            raise ConfigError(f"{key}: given twice on the command line ({seen[key]} and {text}); keep one")
+        if key in seen:  # the last one wins (scripts append to defaults), but not silently
+            warnings.warn(f"{key}: given twice on the command line ({seen[key]}, then {text}); the last one wins",
+                          ConfigWarning, stacklevel=2)
         seen[key] = text
         node = result
         for i, part in enumerate(parts[:-1]):

@@ -80,11 +80,20 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    import warnings
+
     from stem_megatron import cli
-    from stem_megatron.config import load_config
+    from stem_megatron.config import ConfigWarning, load_config
     from stem_megatron.flops import format_counts
 
-    cfg = load_config(args.config, args.overrides)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        cfg = load_config(args.config, args.overrides)
+    for w in caught:  # one line each, from rank 0
+        if issubclass(w.category, ConfigWarning):
+            cli.say("stem-train", f"warning: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if args.load is not None:
         cfg.checkpoint.load = args.load
     if args.dry_run:

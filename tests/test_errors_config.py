@@ -33,12 +33,18 @@ def _dry(capsys, *argv):
     (["model.norm_epsilon=.nan"], "model.norm_epsilon=NaN: must be a finite number"),
     (["train.clip_grad=.inf"], "train.clip_grad=Infinity: must be a finite number"),
     (["data.tokenizer=null"], "data.tokenizer=null: required with data.data_path"),
-    (["train.lr=1e-3", "train.lr=2e-3"], "train.lr: given twice on the command line"),
 ])
 def test_config_holes_fail_the_dry_run_in_one_line(config, capsys, overrides, message):
     rc, out = _dry(capsys, config, *overrides)
     lines = out.err.splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"stem-train: {message}"), out.err
+
+
+def test_duplicate_override_warns_naming_the_key(config, capsys):
+    rc, out = _dry(capsys, config, "train.lr=1e-3", "train.lr=2e-3")
+    assert rc == 0 and "lr: 0.002" in out.out  # the last one wins, as documented, but not silently
+    assert ("stem-train: warning: train.lr: given twice on the command line (train.lr=1e-3, then train.lr=2e-3); "
+            "the last one wins") in out.err.splitlines()
 
 
 def test_invalid_utf8_config_is_one_line(tmp_path, capsys):
