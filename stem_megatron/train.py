@@ -136,13 +136,14 @@ def _train(cfg, args) -> int:
         cli.say("stem-train", f"note: Transformer Engine is installed but does not import ({TE_IMPORT_ERROR}); "
                 "model.transformer_impl=auto uses the local implementation")
     is_rank0 = cli.rank() == 0
+    trainer = Trainer(cfg)
+    trainer.checkpointer = Checkpointer(cfg.checkpoint)
+    trainer._install_signal_handlers()  # before anything slow: a SIGTERM now must not kill the worker
     init_distributed()
     # Inputs and outputs are checked on every rank and agreed before anything is built.
     cli.agree(lambda: (preflight.check_inputs(cfg),
                        preflight.check_outputs(cfg, args.summary_json, is_rank0, preflight.default_log_dir(cfg))),
               errors=_errors())
-    trainer = Trainer(cfg)
-    trainer.checkpointer = Checkpointer(cfg.checkpoint)
     trainer.setup()
     _check_resume(trainer, cfg)
     if trainer.is_logger:
