@@ -213,6 +213,10 @@ class ModelConfig:
                 self.num_query_groups,
                 f"must divide model.num_attention_heads={self.num_attention_heads}",
             )
+        if self.head_dim % 2:  # found at the first forward otherwise, as a tensor size mismatch
+            key = "model.kv_channels" if self.kv_channels is not None else "model.hidden_size"
+            _fail(key, getattr(self, key.split(".")[1]),
+                  f"gives an odd head dimension {self.head_dim}; RoPE rotates channel pairs, so it must be even")
         for name in ("attention_dropout", "hidden_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

@@ -33,6 +33,7 @@ def _dry(capsys, *argv):
     (["model.norm_epsilon=.nan"], "model.norm_epsilon=NaN: must be a finite number"),
     (["train.clip_grad=.inf"], "train.clip_grad=Infinity: must be a finite number"),
     (["data.tokenizer=null"], "data.tokenizer=null: required with data.data_path"),
+    (["model.hidden_size=30"], "model.hidden_size=30: gives an odd head dimension 15"),  # failed in RoPE
 ])
 def test_config_holes_fail_the_dry_run_in_one_line(config, capsys, overrides, message):
     rc, out = _dry(capsys, config, *overrides)
