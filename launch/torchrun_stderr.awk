@@ -6,7 +6,8 @@
 # - everything from an unprefixed "Traceback (most recent call last):" (worker tracebacks are
 #   prefixed "[rankN]:") held until the end. At the end, the part before the last such line is
 #   printed, and the last part is torchrun's own report when it holds ChildFailedError or
-#   SignalException.
+#   SignalException. A held block that grows to 400 lines without either is not torchrun's
+#   report (another traceback, the run goes on): it is printed and passing through resumes.
 # At the end: the root-cause exit code (the first "exitcode  : N" after "Root Cause") goes to
 # `code_file`; torchrun's report and held log lines are dropped when that code is one a worker
 # explains itself (2, 3, 4, 130) or torchrun stopped on a signal, else printed in full.
@@ -14,14 +15,21 @@ function flush_held(   i) {
     for (i = 1; i <= nheld; i++) print held[i]
     nheld = 0
 }
-BEGIN { nheld = 0; nbuf = 0; last_tb = 0 }
+BEGIN { nheld = 0; nbuf = 0; last_tb = 0; seen_report = 0 }
 {
     if ($0 == "Traceback (most recent call last):") {
         buf[++nbuf] = $0
         last_tb = nbuf
         next
     }
-    if (nbuf > 0) { buf[++nbuf] = $0; next }
+    if (nbuf > 0) {
+        buf[++nbuf] = $0
+        # torchrun's report is its last ~60 lines: a longer block is some other traceback
+        # followed by a run still going, whose lines must not wait for the end.
+        if (nbuf >= 400 && !seen_report) { for (i = 1; i <= nbuf; i++) print buf[i]; nbuf = 0; last_tb = 0; fflush() }
+        if ($0 ~ /ChildFailedError|SignalException/) seen_report = 1
+        next
+    }
     if ($0 ~ /^[WE][0-9]+ [0-9:.]+ [0-9]+ .*torch\/distributed\/elastic\/.*(closing signal|failed \(exitcode|death signal)/) {
         held[++nheld] = $0
         next

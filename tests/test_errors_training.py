@@ -244,3 +244,11 @@ def test_launcher_filter_drops_torchrun_report_only_when_the_worker_explained(tm
     assert (out == worker) == dropped
     if not dropped:
         assert "ChildFailedError" in out and "closing signal" in out
+
+
+def test_launcher_filter_passes_other_tracebacks_through(tmp_path):
+    """A traceback that is not torchrun's report (a library's, mid-run) is printed, whatever follows."""
+    text = "Traceback (most recent call last):\n" + "".join(f"  line {i}\n" for i in range(500)) + "[12:00:00] ok\n"
+    out = subprocess.run(["awk", "-v", f"code_file={tmp_path / 'code'}", "-f", str(AWK)], capture_output=True,
+                         text=True, input=text, check=True).stdout
+    assert out == text and not (tmp_path / "code").exists()
