@@ -159,7 +159,10 @@ def test_resume_past_train_steps_is_stated_in_one_line(work, failed_save):
 
 
 # ------------------------------------------------------------------ 2. runtime input errors: exit 2, once
-@pytest.mark.parametrize("case", ["missing prefix", "empty dataset", "vocab too small", "bad token ids",
+# "empty dataset" and "vocab too small" take the same start-up path as "missing prefix" (checked on
+# every rank, agreed before anything is built): in the slow set, to keep the default suite short.
+@pytest.mark.parametrize("case", ["missing prefix", pytest.param("empty dataset", marks=pytest.mark.slow),
+                                  pytest.param("vocab too small", marks=pytest.mark.slow), "bad token ids",
                                   "parallel layout"])
 def test_input_errors_are_one_line_exit_2_on_every_rank(work, case):
     overrides, fragments = {
