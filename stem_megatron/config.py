@@ -450,8 +450,6 @@ class DataConfig:
         _check_types(self, "data")
         if not self.mock and not self.data_path:
             _fail("data.data_path", self.data_path, "must be non-empty unless data.mock=true")
-        if not self.mock and self.tokenizer is None:
-            _fail("data.tokenizer", None, "required with data.data_path: the tokenizer that made the data")
         self._check_data_path()
         try:
             weights = [float(w) for w in self.split.split(",")]
@@ -548,6 +546,9 @@ class ExperimentConfig:
         _check_types(self, "")
         self._check_parallel()
         self._check_stem()
+        # A run reads its data with the tokenizer's ids (DataConfig alone may serve other uses).
+        if not self.data.mock and self.data.tokenizer is None:
+            _fail("data.tokenizer", None, "required with data.data_path: the tokenizer that made the data")
         layers_per_stage = self.model.num_layers // self.parallel.pipeline_model_parallel_size
         layers_per_stage //= self.parallel.virtual_pipeline_model_parallel_size or 1
         n = self.train.recompute_num_layers
