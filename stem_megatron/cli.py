@@ -63,7 +63,7 @@ class UserError(Exception):
 
 
 def quiet_known_warnings() -> None:
-    """Filter KNOWN_WARNINGS in this process (and, through PYTHONWARNINGS-free filters, only here)."""
+    """Hide KNOWN_WARNINGS in this process; every other warning still shows."""
     for category, message, module in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
