@@ -11,6 +11,7 @@ tokenizer per worker); this module imports no torch/megatron so workers start qu
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,8 +80,13 @@ _WORKER_ENCODER: Encoder | None = None
 def init_worker(
     tokenizer_path: str, tokenizer_kind: str, json_keys: list[str], append_eod: bool, dtype
 ) -> None:
-    """Process-pool initializer: load this worker's own tokenizer once."""
+    """Process-pool initializer: load this worker's own tokenizer once.
+
+    A Ctrl-C reaches every process of the terminal's group: workers ignore it and leave the one
+    message and the clean-up to the main process, which then stops the pool.
+    """
     global _WORKER_ENCODER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_ENCODER = Encoder(load_tokenizer(tokenizer_path, tokenizer_kind), json_keys, append_eod, dtype)
 
 

@@ -12,7 +12,8 @@ the per-document index, 8 bytes a document, is held until the end).
 Bad records (see `data_tools.records`) are skipped, counted by reason and reported with file
 and line; `--strict` stops at the first. Output goes to `.partial` files committed at the end
 (`data_tools.writer`), so an interrupted or failed run leaves no complete-looking pair.
-Exit status: 0 on success, 1 on an error (one line on stderr), 2 on bad arguments.
+Exit status: 0 on success, 1 on an error (one line on stderr; no documents at all is one), 2 on
+bad arguments (an --output-prefix that names a directory or lies under a file), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -189,6 +190,14 @@ def preprocess(opts: PreprocessOptions, log=None) -> PreprocessSummary:
                     sum(int(t.size) for t in batch.tokens.values()),
                     batch.num_bytes,
                 )
+        empty = [key for key, out in outputs.items() if out.num_documents == 0]
+        if empty:  # an empty pair would only fail later, in training
+            skipped = sum(summary.skipped.values())
+            raise InputError(
+                f"no documents for key {empty[0]!r}: {_count(summary.records, 'record')} read, "
+                f"{skipped:,} skipped" + (f" ({_skip_detail(summary)})" if skipped else "")
+                + "; nothing written"
+            )
         for out in outputs.values():
             out.commit()
         committed = True
@@ -226,6 +235,10 @@ def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
+def _skip_detail(summary: PreprocessSummary) -> str:
+    return ", ".join(f"{reason} {n:,}" for reason, n in sorted(summary.skipped.items()))
+
+
 def format_summary(summary: PreprocessSummary) -> str:
     lines = []
     for key, path in summary.outputs.items():
@@ -236,7 +249,7 @@ def format_summary(summary: PreprocessSummary) -> str:
     d = summary.to_dict()
     rate = f", {d['tokens_per_s']:,.0f} tokens/s" if d["tokens_per_s"] else ""
     skipped = sum(summary.skipped.values())
-    detail = ", ".join(f"{reason} {n:,}" for reason, n in sorted(summary.skipped.items()))
+    detail = _skip_detail(summary)
     lines.append(
         f"{_count(summary.records, 'record')} in {summary.seconds:.1f} s{rate}; skipped {skipped:,}"
         + (f" ({detail})" if detail else "")
@@ -285,9 +298,46 @@ def _raise_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)  # unwinds through preprocess()'s cleanup of partial files
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def check_output_prefix(prefix: str) -> None:
+    """ValueError (a bad argument) for a prefix that cannot name output files."""
+    if not prefix or prefix.endswith(("/", os.sep)) or os.path.isdir(prefix):
+        raise ValueError(
+            f"--output-prefix {prefix!r} names a directory; a prefix names files: give DIR/NAME "
+            f"to write DIR/NAME_text_document.bin/.idx"
+        )
+    parent = os.path.dirname(os.path.abspath(prefix))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--output-prefix {prefix}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--output-prefix {prefix}: {parent} is not writable")
+
+
+def available_cores() -> int:
     try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    from stem_megatron import cli
+
+    args = build_parser().parse_args(argv)
+    cli.quiet_known_warnings()
+    return cli.run(PROG, lambda: _main(args), errors=((InputError, 1, "error: "), (TokenizerError, 1, "error: "),
+                                                      (StrictError, 1, "error: "), (OSError, 1, "error: ")),
+                   interrupted_note="no output written (partial files removed)")
+
+
+def _main(args) -> int:
+    cores = available_cores()
+    if args.workers > cores:  # more processes than cores only adds interpreters and memory
+        print(f"{PROG}: note: --workers {args.workers} capped at {cores}, the cores available", file=sys.stderr)
+        args.workers = cores
+    try:
+        check_output_prefix(args.output_prefix)
         opts = PreprocessOptions(
             inputs=args.input,
             output_prefix=args.output_prefix,
@@ -310,9 +360,6 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         summary = preprocess(opts)
-    except (InputError, TokenizerError, StrictError, OSError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(format_summary(summary))

@@ -181,14 +181,34 @@ to_torchrun() {
     echo "torchrun.sh: SIG$1 -> torchrun" >&2
     kill -s "$1" "$TORCHRUN_PID" 2>/dev/null || true
 }
+# shellcheck disable=SC2317  # called from the traps below
+on_int() {
+    INTERRUPTED=1
+    to_torchrun INT
+}
 TORCHRUN_PID=
+INTERRUPTED=0
 trap 'to_workers USR1' USR1
 trap 'to_workers TERM' TERM
-trap 'to_torchrun INT' INT
+trap 'on_int' INT
 trap 'to_torchrun HUP' HUP
 trap 'to_torchrun QUIT' QUIT
 
-"${CMD[@]}" &
+# torchrun's stderr (its workers' too: they inherit it) goes through launch/torchrun_stderr.awk,
+# which passes every line on except, when the run failed, torchrun's own closing report: the
+# ChildFailedError traceback and summary, its "closing signal"/"failed (exitcode" log lines, and
+# the SignalException traceback after a signal it was sent. It keeps the report when no worker
+# said why it stopped (an exit code other than 2, 3, 4, 130), and writes the root-cause worker's
+# exit code to a file, so that this script exits with the workers' code, not torchrun's 1.
+STATE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/torchrun-sh.XXXXXX")
+trap 'rm -rf "$STATE_DIR"' EXIT
+mkfifo "$STATE_DIR/stderr"
+# The filter ignores job signals, like tee above, so it relays the workers' last words.
+(trap '' INT TERM HUP QUIT USR1 USR2 && exec awk -v code_file="$STATE_DIR/code" \
+    -f "$REPO_DIR/launch/torchrun_stderr.awk" <"$STATE_DIR/stderr" >&2) &
+FILTER_PID=$!
+
+"${CMD[@]}" 2>"$STATE_DIR/stderr" &
 TORCHRUN_PID=$!
 # `wait` returns early (status > 128) whenever a trapped signal arrives; keep waiting until
 # torchrun itself has exited, then exit with its status.
@@ -197,4 +217,18 @@ while :; do
     wait "$TORCHRUN_PID" || rc=$?
     kill -0 "$TORCHRUN_PID" 2>/dev/null || break
 done
+while :; do
+    wait "$FILTER_PID" 2>/dev/null && break
+    kill -0 "$FILTER_PID" 2>/dev/null || break
+done
+# torchrun exits 1 whatever its workers' codes were: report the first failing worker's code
+# (2 input/config, 3 non-finite, 4 checkpoint, 130 interrupted), or 130 after a Ctrl-C.
+if [[ $rc -ne 0 ]]; then
+    worker_rc=$(cat "$STATE_DIR/code" 2>/dev/null || true)
+    if [[ $worker_rc =~ ^[0-9]+$ && $worker_rc -gt 1 && $worker_rc -lt 256 ]]; then
+        rc=$worker_rc
+    elif [[ $INTERRUPTED -eq 1 ]]; then
+        rc=130
+    fi
+fi
 exit "$rc"

@@ -25,6 +25,7 @@ import math
 import re
 import types
 import typing
+import warnings
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,10 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration value breaks a rule; the message names the key and the rule."""
+
+
+class ConfigWarning(UserWarning):
+    """A configuration that works but is probably not what was meant (an override given twice)."""
 
 
 STEM_RATIOS = ("one_third", "half", "all")
@@ -102,6 +107,8 @@ def _conform(value: Any, hint: Any, key: str) -> Any:
         except ConfigError:
             _fail(key, value, f"must be {_describe(hint)}")
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):  # `.inf`, `1e400`, `.nan`: accepted, they train to NaN
+            _fail(key, value, "must be a finite number")
         return float(value)
     if origin is list:
         (item,) = typing.get_args(hint)
@@ -210,6 +217,10 @@ class ModelConfig:
                 self.num_query_groups,
                 f"must divide model.num_attention_heads={self.num_attention_heads}",
             )
+        if self.head_dim % 2:  # found at the first forward otherwise, as a tensor size mismatch
+            key = "model.kv_channels" if self.kv_channels is not None else "model.hidden_size"
+            _fail(key, getattr(self, key.split(".")[1]),
+                  f"gives an odd head dimension {self.head_dim}; RoPE rotates channel pairs, so it must be even")
         for name in ("attention_dropout", "hidden_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -568,6 +579,9 @@ class ExperimentConfig:
             # TE's causal attention ignores an explicit mask (the local spec applies it; see model.py).
             _fail("data.reset_attention_mask", True, "needs model.transformer_impl local or auto without "
                   "Transformer Engine (TE attention would ignore the document mask)")
+        # A run reads its data with the tokenizer's ids (DataConfig alone may serve other uses).
+        if not self.data.mock and self.data.tokenizer is None:
+            _fail("data.tokenizer", None, "required with data.data_path: the tokenizer that made the data")
         layers_per_stage = self.model.num_layers // self.parallel.pipeline_model_parallel_size
         layers_per_stage //= self.parallel.virtual_pipeline_model_parallel_size or 1
         n = self.train.recompute_num_layers
@@ -789,9 +803,14 @@ def _check_override_key(key: str) -> list[str]:
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """A copy of `data` with each `section.field=value` override applied in order."""
     result = copy.deepcopy(dict(data))
+    seen: dict[str, str] = {}
     for text in overrides:
         key, value = parse_override(text)
         parts = _check_override_key(key)
+        if key in seen:  # the last one wins (scripts append to defaults), but not silently
+            warnings.warn(f"{key}: given twice on the command line ({seen[key]}, then {text}); the last one wins",
+                          ConfigWarning, stacklevel=2)
+        seen[key] = text
         node = result
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -808,9 +827,12 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentCo
     """Read a YAML experiment config, apply dotted overrides, validate."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line})") from None
     data = parse_yaml(text, str(path))
     if not isinstance(data, dict):
         _fail(str(path), data, "the top level of a config must be a mapping")

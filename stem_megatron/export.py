@@ -16,7 +16,10 @@ give the megatron model's logits.
 The embedding and output layer keep megatron's padded vocabulary (`vocab_size` in config.json;
 the rows past the tokenizer's vocabulary are padding), so the logits are identical, padding
 columns included. The output directory is written under a temporary name and renamed when complete.
-Exit codes: 0 written, 2 bad arguments, 4 checkpoint missing/corrupt/unsupported.
+Arguments are checked before anything is loaded: the output is new or an empty, writable
+directory; a `--tokenizer` loads and agrees with the checkpoint's vocabulary. On any failure (and
+on Ctrl-C) the temporary directory is removed.
+Exit codes: 0 written, 2 bad arguments, 4 checkpoint missing/corrupt/unsupported, 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -186,41 +189,49 @@ def read_checkpoint(ckpt_path: str):
     non-RMSNorm checkpoint. Shared by `export` and the inference loader (stem_megatron.inference).
     """
     from stem_megatron.training import checkpoint_format as fmt
+
+    ckpt, meta, cfg = _checkpoint_meta(ckpt_path)
+    fmt.verify(ckpt)
+    return ckpt, meta, cfg, to_reference_names(load_dense_tensors(ckpt), cfg, full_tables(ckpt, meta))
+
+
+def _checkpoint_meta(ckpt_path: str):
+    """(checkpoint dir, meta, config) without reading tensors; CheckpointError for a missing or
+    non-RMSNorm checkpoint (the export format, Llama names and ReferenceStemLM, is RMSNorm only)."""
+    from stem_megatron.training import checkpoint_format as fmt
     from stem_megatron.training.checkpoint_format import CheckpointError
     from stem_megatron.training.checkpoint_meta import read_meta, saved_config
 
     ckpt = fmt.resolve(ckpt_path)
     if ckpt is None:
         raise CheckpointError(f"{ckpt_path}: no checkpoint there")
-    fmt.verify(ckpt)
     meta, cfg = read_meta(ckpt), saved_config(ckpt)
     if cfg.model.normalization != "RMSNorm":
         raise CheckpointError(f"checkpoint {ckpt}: model.normalization={cfg.model.normalization}; the export "
                               "format (Llama names, ReferenceStemLM) is RMSNorm only")
-    return ckpt, meta, cfg, to_reference_names(load_dense_tensors(ckpt), cfg, full_tables(ckpt, meta))
+    return ckpt, meta, cfg
 
 
 def export(ckpt_path: str, output: str, dtype: str = "float32", tokenizer: str | None = None) -> str:
-    """Write the export of checkpoint `ckpt_path` (a checkpoint or save directory) to `output`."""
+    """Write the export of checkpoint `ckpt_path` (a checkpoint or save directory) to `output`.
+
+    The arguments (output, tokenizer against the checkpoint's vocabulary) are checked before any
+    tensor is read; the directory is written under a temporary name and renamed when complete, and
+    an error or Ctrl-C leaves no half-written hidden directory behind.
+    """
     from safetensors.torch import save_file
 
-    if os.path.exists(output) and os.listdir(output):
-        raise FileExistsError(f"{output} exists and is not empty")
-    ckpt, meta, cfg, state = read_checkpoint(ckpt_path)
-    tok = None
-    if tokenizer is not None:
-        from stem_megatron.data.tokenizer import detect_kind
-
-        tok = (tokenizer, detect_kind(tokenizer))
-    elif meta.get("tokenizer"):
-        tok = (os.path.join(ckpt, meta["tokenizer"]["path"]), meta["tokenizer"]["kind"])
+    check_output(output)
+    ckpt, meta, cfg = _checkpoint_meta(ckpt_path)
+    tok = check_tokenizer(tokenizer, ckpt, meta, cfg)  # arguments first, then the (long) verification
+    ckpt, meta, cfg, state = read_checkpoint(ckpt)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp-{os.path.basename(os.path.abspath(output))}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:  # a failure (e.g. a tokenizer that does not convert) leaves nothing behind
+    try:
+        os.makedirs(tmp)
         save_file({k: v.to(torch_dtype) for k, v in state.items()}, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         os.chmod(os.path.join(tmp, WEIGHTS), 0o644)
         tok_info, special_ids = None, None
@@ -237,13 +248,57 @@ def export(ckpt_path: str, output: str, dtype: str = "float32", tokenizer: str |
             json.dump(hf_config(cfg, meta, dtype, tok_info, rows, special_ids), f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump(generation_config(rows, cfg.model.vocab_size, special_ids), f, indent=2)
-    except BaseException:
+        if os.path.isdir(output):
+            os.rmdir(output)  # empty (checked above)
+        os.rename(tmp, output)
+    except BaseException:  # an error or Ctrl-C: leave no half-written hidden directory behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.isdir(output):
-        os.rmdir(output)  # empty (checked above)
-    os.rename(tmp, output)
     return ckpt
+
+
+class ExportArgumentError(ValueError):
+    """An argument of stem-export that cannot work (exit 2); checked before anything is loaded."""
+
+
+def check_output(output: str) -> None:
+    """`output` is absent (under a writable directory) or an empty, writable directory."""
+    out = os.path.abspath(output)
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ExportArgumentError(f"--output {output} is a file; give a directory to create")
+    if os.path.isdir(out) and os.listdir(out):
+        raise ExportArgumentError(f"--output {output} exists and is not empty")
+    probe = os.path.dirname(out)
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ExportArgumentError(f"--output {output}: {probe} is a file, not a directory")
+    for d in (out, probe) if os.path.isdir(out) else (probe,):
+        if not os.access(d, os.W_OK):
+            raise ExportArgumentError(f"--output {output}: {d} is not writable")
+
+
+def check_tokenizer(tokenizer: str | None, ckpt: str, meta: dict, cfg) -> tuple[str, str] | None:
+    """(path, kind) of the tokenizer to ship: `--tokenizer`, checked to load and to agree with the
+    checkpoint's vocabulary, else the checkpoint's own copy; None when there is neither."""
+    from stem_megatron.data.tokenizer import load_tokenizer
+
+    saved = (os.path.join(ckpt, meta["tokenizer"]["path"]), meta["tokenizer"]["kind"]) if meta.get("tokenizer") else None
+    if tokenizer is None:
+        return saved
+    if not os.path.exists(tokenizer):
+        raise ExportArgumentError(f"--tokenizer {tokenizer}: not found")
+    tok = load_tokenizer(tokenizer)  # TokenizerError (exit 2) when it does not load
+    vocab = cfg.model.vocab_size
+    if tok.vocab_size > vocab:
+        raise ExportArgumentError(f"--tokenizer {tokenizer} has {tok.vocab_size} tokens; the checkpoint's model "
+                                  f"has a vocabulary of {vocab} (model.vocab_size): not the tokenizer it was trained with")
+    if saved is not None:
+        trained = load_tokenizer(*saved).vocab_size
+        if trained != tok.vocab_size:
+            raise ExportArgumentError(f"--tokenizer {tokenizer} has {tok.vocab_size} tokens; the checkpoint was trained "
+                                      f"with a tokenizer of {trained} (its copy in {saved[0]})")
+    return tokenizer, tok.kind
 
 
 def main(argv=None) -> int:
@@ -253,20 +308,23 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights dtype [float32]")
     ap.add_argument("--tokenizer", help="tokenizer file/directory to ship instead of the checkpoint's copy")
     args = ap.parse_args(argv)
+    from stem_megatron import cli
     from stem_megatron.data.tokenizer import TokenizerError
     from stem_megatron.stem.table_io import TableFormatError
     from stem_megatron.training.checkpoint_format import CheckpointError
 
-    try:
+    cli.quiet_known_warnings()
+
+    def body() -> int:
         ckpt = export(args.checkpoint, args.output, args.dtype, args.tokenizer)
-    except (FileExistsError, TokenizerError) as e:
-        print(f"stem-export: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, TableFormatError, KeyError) as e:
-        print(f"stem-export: checkpoint error: {e}", file=sys.stderr)
-        return 4
-    print(f"stem-export: wrote {args.output} from {ckpt}")
-    return 0
+        print(f"stem-export: wrote {args.output} from {ckpt}")
+        return 0
+
+    return cli.run("stem-export", body, errors=(
+        (ExportArgumentError, 2, ""), (TokenizerError, 2, "--tokenizer: "),
+        (CheckpointError, 4, "checkpoint error: "), (TableFormatError, 4, "checkpoint error: "),
+        (KeyError, 4, "checkpoint error: "), (OSError, 2, "cannot write the output: ")),
+        interrupted_note="nothing written (the temporary directory was removed)")
 
 
 if __name__ == "__main__":

@@ -44,8 +44,13 @@ try:  # Transformer Engine is optional (GPU clusters / NGC containers)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     HAVE_TE = True
-except Exception:  # ImportError, or TE present but broken for this torch/CUDA
+    TE_IMPORT_ERROR = None
+except Exception as _e:  # ImportError, or TE present but broken for this torch/CUDA
     HAVE_TE = False
+    # Not installed is normal (CPU boxes); installed but failing to import is worth one line
+    # (train.py reports it), since `transformer_impl: auto` then silently runs the local path.
+    _missing = isinstance(_e, ModuleNotFoundError) and _e.name == "transformer_engine"
+    TE_IMPORT_ERROR = None if _missing else f"{type(_e).__name__}: {_e}".replace("\n", " ")
 
 
 # TransformerLayer warns "Unknown MLP type" for any MLP class it does not know (it then passes no
@@ -81,7 +86,10 @@ def use_transformer_engine(cfg: ExperimentConfig) -> bool:
     impl = cfg.model.transformer_impl
     if impl == "transformer_engine":
         if not HAVE_TE:
-            raise RuntimeError("model.transformer_impl=transformer_engine but Transformer Engine does not import")
+            from stem_megatron.config import ConfigError
+
+            raise ConfigError("model.transformer_impl=transformer_engine but Transformer Engine does not import"
+                              + (f" ({TE_IMPORT_ERROR})" if TE_IMPORT_ERROR else " (not installed)"))
         return True
     if impl == "local":
         return False

@@ -17,8 +17,11 @@ offsets; the distributed optimizer as `fully_reshardable`), so their files are c
 are; what could stop a target from loading them (vocabulary padding that depends on TP, a switch
 between the plain and the distributed optimizer, fp32 <-> bf16) is checked here first.
 Output: `OUTPUT/step_N` and `OUTPUT/latest`, written under a temporary name, fsynced and verified by
-a manifest, published as the trainer publishes (checkpoint_format.seal_and_publish).
-Exit codes: 0 written, 2 bad arguments or layout, 4 checkpoint missing/corrupt/incompatible.
+a manifest, published as the trainer publishes (checkpoint_format.seal_and_publish). The output
+must be a new or empty directory, and never the input (symlinks resolved); with `--overwrite` it may
+be a save directory, whose checkpoint of the same step is replaced.
+Exit codes: 0 written, 2 bad arguments or layout (an output that is the input, not empty, a file
+or not writable), 4 checkpoint missing/corrupt/incompatible or a write that failed, 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -89,9 +92,43 @@ def write_tables(reader, out_dir: str, tp: int, shard: int) -> list[dict]:
     return entries
 
 
-def reshard(input_path: str, output_root: str, world_size: int, overrides: list[str]) -> tuple[str, dict, dict]:
-    """Write the resharded checkpoint; returns (its directory, source layout, target layout)."""
+def check_output(src: str, output_root: str, step_name: str, overwrite: bool) -> None:
+    """ConfigError unless `output_root` may receive `step_name`: not the input's save directory nor
+    inside the input (symlinks resolved), a directory (or absent) that is writable and empty; with
+    `overwrite`, a save directory whose same step is replaced."""
     from stem_megatron.config import ConfigError
+    from stem_megatron.training import checkpoint_format as fmt
+
+    out = os.path.realpath(output_root)
+    src_real = os.path.realpath(src)
+    if out in (os.path.dirname(src_real), src_real) or out.startswith(src_real + os.sep):
+        raise ConfigError(f"--output {output_root}: is the input's save directory or inside the input checkpoint "
+                          f"({src_real}); write to another directory")
+    probe = out
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"--output {output_root}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"--output {output_root}: {probe} is not writable")
+    if probe != out:
+        return  # output does not exist yet
+    entries = [n for n in os.listdir(out) if not n.startswith((fmt.TMP_PREFIX, fmt.TRASH_PREFIX, fmt.REPLACED_PREFIX))]
+    if not entries:
+        return
+    if not overwrite:
+        held = " (it already holds " + step_name + ")" if step_name in entries else ""
+        raise ConfigError(f"--output {output_root} exists and is not empty{held}; give an empty or new "
+                          "directory, or --overwrite to replace that step")
+    others = [n for n in entries if n != fmt.LATEST and fmt.step_of(n) is None]
+    if others:
+        raise ConfigError(f"--output {output_root} holds {others[0]!r}, which is not a checkpoint; "
+                          "--overwrite only replaces checkpoints of a save directory")
+
+
+def reshard(input_path: str, output_root: str, world_size: int, overrides: list[str],
+            overwrite: bool = False) -> tuple[str, dict, dict]:
+    """Write the resharded checkpoint; returns (its directory, source layout, target layout)."""
     from stem_megatron.stem.table_io import TableReader
     from stem_megatron.training import checkpoint_format as fmt
     from stem_megatron.training.checkpoint_format import CheckpointError
@@ -106,15 +143,14 @@ def reshard(input_path: str, output_root: str, world_size: int, overrides: list[
     src = fmt.resolve(input_path)
     if src is None:
         raise CheckpointError(f"{input_path}: no checkpoint there")
-    if os.path.abspath(os.path.dirname(src)) == os.path.abspath(output_root):
-        raise ConfigError(f"--output {output_root}: must differ from the input's save directory")
-    fmt.verify(src)
     meta, saved = read_meta(src), saved_config(src)
+    name = fmt.step_dir_name(meta["step"])
+    check_output(src, output_root, name, overwrite)  # before the long verify: arguments first
     cfg = target_config(saved, overrides)
     layout = layout_of(cfg, world_size)  # validates the world (ConfigError)
+    fmt.verify(src)
     for note in check_compatible(cfg, meta, saved, src, meta["bf16"]):
         print(f"stem-reshard: note: {note}")
-    name = fmt.step_dir_name(meta["step"])
     os.makedirs(output_root, exist_ok=True)
     fmt.clean_stale(output_root)
     tmp = os.path.join(output_root, fmt.TMP_PREFIX + name)
@@ -143,26 +179,31 @@ def reshard(input_path: str, output_root: str, world_size: int, overrides: list[
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="stem-reshard", description=__doc__.split("\n")[0])
     ap.add_argument("--input", required=True, help="a checkpoint directory, or a save directory (uses latest)")
-    ap.add_argument("--output", required=True, help="save directory to write step_N and latest into")
+    ap.add_argument("--output", required=True,
+                    help="save directory to write step_N and latest into (new or empty)")
     ap.add_argument("--world-size", type=int, required=True, help="number of ranks of the target run")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="--output may be a save directory already; its checkpoint of the same step is replaced")
     ap.add_argument("overrides", nargs="*", help="target layout: parallel.*=..., stem.shard_size=...")
     args = ap.parse_args(argv)
+    from stem_megatron import cli
     from stem_megatron.config import ConfigError
     from stem_megatron.stem.table_io import TableFormatError
     from stem_megatron.training.checkpoint_format import CheckpointError
 
+    cli.quiet_known_warnings()
     t0 = time.perf_counter()
-    try:
-        out, before, after = reshard(args.input, args.output, args.world_size, args.overrides)
-    except ConfigError as e:
-        print(f"stem-reshard: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, TableFormatError) as e:
-        print(f"stem-reshard: checkpoint error: {e}", file=sys.stderr)
-        return 4
-    changes = ", ".join(f"{k} {before.get(k)}->{v}" for k, v in after.items() if before.get(k) != v) or "no change"
-    print(f"stem-reshard: wrote {out} ({changes}; {time.perf_counter() - t0:.1f} s)")
-    return 0
+
+    def body() -> int:
+        out, before, after = reshard(args.input, args.output, args.world_size, args.overrides, args.overwrite)
+        changes = ", ".join(f"{k} {before.get(k)}->{v}" for k, v in after.items() if before.get(k) != v) or "no change"
+        print(f"stem-reshard: wrote {out} ({changes}; {time.perf_counter() - t0:.1f} s)")
+        return 0
+
+    return cli.run("stem-reshard", body, errors=(
+        (ConfigError, 2, ""), (CheckpointError, 4, "checkpoint error: "), (TableFormatError, 4, "checkpoint error: "),
+        (OSError, 4, "cannot write the output: ")),
+        interrupted_note="nothing published (the partial output is a .tmp- directory, removed by the next run)")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ Checkpoints (docs/checkpoints.md): with `checkpoint.save=DIR` the run saves ever
 a restarted run resumes from `DIR/latest` automatically; `--load CKPT` (a save directory or one
 `step_*` directory in it) starts from CKPT when DIR holds no checkpoint yet.
 
-Exit codes: 0 done (or stopped cleanly by SIGTERM/SIGUSR1, after saving), 2 bad config,
-3 non-finite abort, 4 checkpoint missing, corrupt or incompatible (nothing was loaded).
+Exit codes (one line on stderr, from rank 0; docs/training.md): 0 done (or stopped cleanly by
+SIGTERM/SIGUSR1, after saving), 2 bad config or input (data, tokenizer, token ids, an unwritable
+TensorBoard directory or --summary-json, a resumed step past train.train_steps), 3 non-finite
+abort, 4 checkpoint error (missing, corrupt or incompatible; checkpoint.save not writable; a save
+that failed, the previous checkpoint intact), 130 interrupted (SIGINT).
 """
 
 from __future__ import annotations
@@ -50,18 +53,51 @@ def _human_summary(summary: dict, cfg) -> str:
     return "\n".join(lines)
 
 
+_RESUME = "the last checkpoint (if any) is intact; rerun the same command to resume"
+
+
+def _errors():
+    """(exception, exit code, prefix) of every failure a user can cause in a run; see cli.run."""
+    from stem_megatron.config import ConfigError
+    from stem_megatron.data.datasets import DataError
+    from stem_megatron.data.tokenizer import TokenizerError
+    from stem_megatron.stem.exchange import StemIndexError
+    from stem_megatron.training.checkpoint_format import CheckpointError
+    from stem_megatron.training.trainer import NonFiniteAbort
+
+    return ((ConfigError, 2, ""), (DataError, 2, ""), (TokenizerError, 2, "data.tokenizer: "),
+            (StemIndexError, 2, ""), (NonFiniteAbort, 3, "aborted: "),
+            (CheckpointError, 4, "checkpoint error: "))
+
+
 def main(argv=None) -> int:
+    from stem_megatron import cli
+
     args = parse_args(argv)
-    from stem_megatron.config import ConfigError, load_config
+    cli.quiet_known_warnings()
+    from stem_megatron.config import ConfigError
+
+    # Config errors are found before the heavy imports that _errors() needs.
+    return cli.run("stem-train", lambda: _main(args), errors=((ConfigError, 2, ""),), interrupted_note=_RESUME)
+
+
+def _main(args) -> int:
+    import warnings
+
+    from stem_megatron import cli
+    from stem_megatron.config import ConfigWarning, load_config
     from stem_megatron.flops import format_counts
 
-    try:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
         cfg = load_config(args.config, args.overrides)
-        if args.load is not None:
-            cfg.checkpoint.load = args.load
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"stem-train: {e}", file=sys.stderr)
-        return 2
+    for w in caught:  # one line each, from rank 0
+        if issubclass(w.category, ConfigWarning):
+            cli.say("stem-train", f"warning: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if args.load is not None:
+        cfg.checkpoint.load = args.load
     if args.dry_run:
         print(cfg.to_yaml().rstrip())
         print()
@@ -70,41 +106,58 @@ def main(argv=None) -> int:
         if world:
             from stem_megatron.memory import format_memory
 
-            try:
-                print(format_memory(cfg, world))
-            except ConfigError as e:
-                print(f"stem-train: {e}", file=sys.stderr)
-                return 2
+            print(format_memory(cfg, world))  # a layout that does not fit `world` is a ConfigError: exit 2
+        _dry_run_inputs(cfg)
         return 0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.validate_world(world)  # the same ConfigError on every rank, before any process group
+    return cli.run("stem-train", lambda: _train(cfg, args), errors=_errors(), interrupted_note=_RESUME)
 
-    import warnings
 
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+def _dry_run_inputs(cfg) -> None:
+    """The input checks training makes first, as warnings: a dry run also serves configs whose data
+    is elsewhere (the paper configs' counts)."""
+    from stem_megatron import cli
+    from stem_megatron.model import TE_IMPORT_ERROR
+    from stem_megatron.training.preflight import check_inputs
+
+    try:
+        check_inputs(cfg)
+    except cli.UserError as e:
+        print(f"stem-train: warning: {e} (a run would stop with exit code {e.code})", file=sys.stderr)
+    if TE_IMPORT_ERROR and cfg.model.transformer_impl != "local":
+        print(f"stem-train: warning: Transformer Engine does not import ({TE_IMPORT_ERROR})", file=sys.stderr)
+
+
+def _train(cfg, args) -> int:
     import torch.distributed as dist
 
-    from stem_megatron.training.checkpoint import Checkpointer, CheckpointError
-    from stem_megatron.training.trainer import NonFiniteAbort, Trainer
+    from stem_megatron import cli
+    from stem_megatron.model import TE_IMPORT_ERROR
+    from stem_megatron.parallel import init_distributed
+    from stem_megatron.training import preflight
+    from stem_megatron.training.checkpoint import Checkpointer
+    from stem_megatron.training.trainer import Trainer
 
+    if TE_IMPORT_ERROR and cfg.model.transformer_impl == "auto":
+        cli.say("stem-train", f"note: Transformer Engine is installed but does not import ({TE_IMPORT_ERROR}); "
+                "model.transformer_impl=auto uses the local implementation")
+    is_rank0 = cli.rank() == 0
     trainer = Trainer(cfg)
     trainer.checkpointer = Checkpointer(cfg.checkpoint)
-    is_rank0 = os.environ.get("RANK", "0") == "0"
-    try:
-        trainer.setup()
-        if trainer.is_logger:
-            os.makedirs(trainer.log_dir, exist_ok=True)
-            with open(os.path.join(trainer.log_dir, "config.yaml"), "w") as f:
-                f.write(cfg.to_yaml())
-        summary = trainer.train()
-    except ConfigError as e:
-        print(f"stem-train: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteAbort as e:
-        print(f"stem-train: aborted: {e}", file=sys.stderr)
-        return 3
-    except CheckpointError as e:  # raised identically on every rank: one line, from rank 0
-        if is_rank0:
-            print(f"stem-train: checkpoint error: {e}", file=sys.stderr, flush=True)
-        return 4
+    trainer._install_signal_handlers()  # before anything slow: a SIGTERM now must not kill the worker
+    init_distributed()
+    # Inputs and outputs are checked on every rank and agreed before anything is built.
+    cli.agree(lambda: (preflight.check_inputs(cfg),
+                       preflight.check_outputs(cfg, args.summary_json, is_rank0, preflight.default_log_dir(cfg))),
+              errors=_errors())
+    trainer.setup()
+    _check_resume(trainer, cfg)
+    if trainer.is_logger:
+        os.makedirs(trainer.log_dir, exist_ok=True)
+        with open(os.path.join(trainer.log_dir, "config.yaml"), "w") as f:
+            f.write(cfg.to_yaml())
+    summary = trainer.train()
     if trainer.is_logger:
         if summary["stopped_by"]:
             saved = trainer.checkpointer.last_saved_step == trainer.step and cfg.checkpoint.save
@@ -120,6 +173,17 @@ def main(argv=None) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _check_resume(trainer, cfg) -> None:
+    """A resumed checkpoint already past train.train_steps is a mismatch, not a finished run."""
+    from stem_megatron.cli import EXIT_INPUT, UserError
+
+    ck = trainer.checkpointer
+    if ck.loaded is not None and trainer.step > cfg.train.train_steps:
+        raise UserError(f"resumed {ck.loaded} at step {trainer.step}, past train.train_steps="
+                        f"{cfg.train.train_steps}: nothing to train; raise train.train_steps or use another "
+                        "checkpoint.save", EXIT_INPUT)
 
 
 if __name__ == "__main__":

@@ -267,7 +267,8 @@ def test_override_does_not_mutate_its_input():
 
 
 def test_round_trip_through_yaml(tmp_path):
-    cfg = _config("stem.layers=[0, 2]", "train.lr=1e-3", "data.mock=false", "data.data_path=[0.3, a, 0.7, b]")
+    cfg = _config("stem.layers=[0, 2]", "train.lr=1e-3", "data.mock=false", "data.data_path=[0.3, a, 0.7, b]",
+                  "data.tokenizer=tok.json")
     assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
     path = tmp_path / "cfg.yaml"
     path.write_text(cfg.to_yaml())

@@ -113,7 +113,7 @@ def _enumerated_shapes(m: ModelConfig, stem_layers: list[int]) -> dict[str, tupl
         ("RMSNorm", True, None, []),
         ("RMSNorm", True, None, [1]),
         ("LayerNorm", False, None, [0, 2]),
-        ("RMSNorm", False, 5, [0, 1, 2]),
+        ("RMSNorm", False, 6, [0, 1, 2]),  # head dim 6, not hidden / heads = 2 (RoPE needs it even)
     ],
 )
 def test_tiny_model_counted_shape_by_shape(normalization, tied, kv_channels, stem_layers):

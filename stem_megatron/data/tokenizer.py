@@ -195,6 +195,8 @@ def load_tokenizer(path: str | os.PathLike, kind: str | None = None) -> Tokenize
         raise
     except Exception as err:  # the libraries raise anything from OSError to Rust panics
         detail = " ".join(str(err).split()) or type(err).__name__
+        if len(detail) > 160:  # parsers quote the offending line: a wrong file can be one 4 MB line
+            detail = detail[:160] + "..."
         raise TokenizerError(f"cannot load {path} as a {kind} tokenizer: {detail}") from err
 
 

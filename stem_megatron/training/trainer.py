@@ -26,13 +26,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from stem_megatron.cli import EXIT_CHECKPOINT, UserError, one_line
 from stem_megatron.config import ExperimentConfig
 from stem_megatron.flops import flops_per_token
 from stem_megatron.stem.engine import StemIndexError, table_grad_sq_norm
 from stem_megatron.training.batches import StepBatches
+from stem_megatron.training.checkpoint_format import CheckpointError
 from stem_megatron.training.lr_schedule import dense_schedule, table_schedule
 from stem_megatron.training.metrics import MetricsLogger
 from stem_megatron.training.offload_metrics import OffloadMeter
+from stem_megatron.training.preflight import default_log_dir, load_checked_tokenizer
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "H800": 989e12, "B200": 2250e12}
 
@@ -182,9 +185,7 @@ class Trainer:
         )
         self.train_batches = mk(train_ds)
         self.valid_batches = mk(valid_ds) if valid_ds is not None else None
-        log_dir = cfg.logging.tensorboard_dir or os.path.join(
-            cfg.checkpoint.save or os.path.join("runs", cfg.logging.run_name), "tensorboard"
-        )
+        log_dir = default_log_dir(cfg)
         self.metrics = MetricsLogger(log_dir, enabled=self.is_logger)
         self.log_dir = log_dir
         if self.checkpointer is not None:
@@ -203,14 +204,9 @@ class Trainer:
 
     def _build_datasets(self):
         from stem_megatron.data.datasets import build_gpt_datasets
-        from stem_megatron.data.tokenizer import load_tokenizer
 
         cfg, t = self.cfg, self.cfg.train
-        tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type)
-        if tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ValueError(
-                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
-            )
+        tokenizer = load_checked_tokenizer(cfg)  # UserError (exit 2) on every rank alike
         n_eval = (t.train_steps // t.eval_interval + 1) * t.eval_iters * t.global_batch_size if t.eval_interval else 0
         train, valid, _ = build_gpt_datasets(
             cfg.data, seq_length=cfg.model.seq_length, seed=t.seed,
@@ -241,7 +237,8 @@ class Trainer:
             r = ranks[0]
             more = f"; {len(ranks) - 1} other rank(s) also had bad ids" if len(ranks) > 1 else ""
             raise StemIndexError(f"token id {int(report[1, r])} is outside the vocabulary [0, {vocab}) on global rank "
-                                 f"{r} ({int(report[0, r])} bad id(s) there){more}")
+                                 f"{r} ({int(report[0, r])} bad id(s) there){more}; was data.data_path made with "
+                                 f"another tokenizer than data.tokenizer={self.cfg.data.tokenizer}?")
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
@@ -346,6 +343,20 @@ class Trainer:
         return StepResult(step=self.step, loss=loss, grad_norm=grad_norm, skipped=skipped, tokens=tokens,
                           seconds=time.perf_counter() - t0, lr=lr, table_lr=table_lr)
 
+    def _save(self, final: bool = False) -> None:
+        """checkpointer.save; a failure becomes a CheckpointError (exit 4) on this rank, reported by
+        the rank that knows why (the others only lost their peer in a collective)."""
+        try:
+            self.checkpointer.save(self, final=final)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever broke the save, the run ends with exit 4
+            # A rank whose peer died mid-collective says nothing: the rank that failed says why.
+            peer_gone = isinstance(e, dist.DistError) or "closed by peer" in str(e)
+            raise UserError(f"checkpoint error: saving step {self.step} to {self.cfg.checkpoint.save} failed "
+                            f"({one_line(e)}); the previous checkpoint is intact",
+                            EXIT_CHECKPOINT, reporter="none" if peer_gone else "self") from e
+
     def _scale_dense_grads(self, coef: float) -> None:
         optimizers = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
         for opt in optimizers:
@@ -364,7 +375,8 @@ class Trainer:
             m.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for i in range(self.cfg.train.eval_iters):
-            total += self._run_schedule(self.valid_batches(i, self.device), forward_only=True)
+            batches = self.valid_batches(i, self.device)
+            total += self._run_schedule(batches, forward_only=True)
         for m in self.model:
             m.train()
         return (total[0] / total[1].clamp_min(1)).item()
@@ -434,12 +446,13 @@ class Trainer:
                 last_val = self.evaluate()
                 self.metrics.scalars(self.step, {"val/loss": last_val, "val/ppl": math.exp(min(last_val, 50))})
                 self.metrics.line(f"validation at step {self.step}: loss {last_val:.4f} ppl {math.exp(min(last_val, 50)):.1f}")
-            if self.checkpointer is not None:
-                self.checkpointer.maybe_save(self)
+            c = cfg.checkpoint
+            if self.checkpointer is not None and c.save and c.save_interval and self.step % c.save_interval == 0:
+                self._save()
             if self._stop_agreed():
                 self.metrics.line(f"received {self.stop_requested or 'a stop signal on another rank'}: stopping after step {self.step}")
                 if self.checkpointer is not None:
-                    self.checkpointer.save(self)
+                    self._save()
                 break
         else:
             if cfg.train.eval_interval and self.step % cfg.train.eval_interval != 0:
@@ -447,7 +460,7 @@ class Trainer:
                 if last_val is not None:
                     self.metrics.line(f"validation at step {self.step}: loss {last_val:.4f}")
             if self.checkpointer is not None:
-                self.checkpointer.save(self, final=True)
+                self._save(final=True)
         steady = times[1:] or times
         tok = cfg.train.global_batch_size * cfg.model.seq_length
         summary = {
