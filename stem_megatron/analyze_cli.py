@@ -28,7 +28,7 @@ def parse_args(argv):
     ap.add_argument("--top-tokens", type=int, default=256, help="N most frequent tokens compared pairwise [256]")
     ap.add_argument("--max-tokens", type=int, default=200_000, help="read at most about this many corpus tokens")
     ap.add_argument("--max-context", type=int, default=4096, help="longest context length measured [4096]")
-    ap.add_argument("--window", type=int, help="dense model context window [its training length, else 256]")
+    ap.add_argument("--window", type=int, help="dense model context window [its training length]")
     ap.add_argument("--tokenizer", help="tokenizer instead of the one the model carries")
     args = ap.parse_args(argv)
     if args.top_tokens < 2 or args.max_tokens < 4 or args.max_context < 2:
@@ -44,20 +44,18 @@ def _write_json(path: str, obj) -> None:
 
 def run(args) -> dict:
     from stem_megatron import analysis_plots
-    from stem_megatron.model_loading import load_model
+    from stem_megatron.inference.loading import load_model
 
     analysis_plots.require()
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise analysis.AnalysisError(f"--output {args.output} exists and is not a directory")
-    loaded = load_model(args.model, args.tokenizer)
+    loaded = load_model(args.model, tokenizer=args.tokenizer)
     if not loaded.stem_layers:
         raise analysis.AnalysisError(f"{args.model}: the model has no STEM layers")
-    if loaded.tokenizer is None:
-        raise analysis.AnalysisError(f"{args.model} carries no tokenizer; give --tokenizer PATH")
-    dense = load_model(args.dense, args.tokenizer) if args.dense else None
+    dense = load_model(args.dense, tokenizer=args.tokenizer, flag="--dense") if args.dense else None
     if dense is not None and dense.model.config.vocab_size < loaded.text_vocab_size:
         raise analysis.AnalysisError("--dense has a smaller vocabulary than --model: they must share the tokenizer")
-    window = args.window or (dense.hf_config.get("max_position_embeddings") if dense else None) or 256
+    window = args.window or (dense.context_length if dense else 256)
     tok = loaded.tokenizer
     docs = analysis.read_corpus(args.corpus, tok, args.max_tokens)
     exclude = {tok.eod} if tok.eod is not None else set()
@@ -78,7 +76,7 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from stem_megatron.data.tokenizer import TokenizerError
-    from stem_megatron.model_loading import ModelLoadError
+    from stem_megatron.inference.loading import ModelLoadError
 
     try:
         out = run(args)

@@ -62,17 +62,16 @@ def _show(name: str, side: dict) -> None:
 
 
 def run(args) -> dict:
-    from stem_megatron.model_loading import load_model, write_export
+    from stem_megatron.export import write_export
+    from stem_megatron.inference.loading import load_model
 
     layers = _layers(args.layers)
     if args.persist and args.mode not in ("one_to_one", "auto"):
         raise editing.EditError(f"--persist needs --mode one_to_one (or auto with equal lengths); got {args.mode}")
     if args.persist and os.path.exists(args.persist) and (not os.path.isdir(args.persist) or os.listdir(args.persist)):
         raise FileExistsError(f"--persist {args.persist} exists and is not empty")
-    loaded = load_model(args.model, args.tokenizer)
+    loaded = load_model(args.model, tokenizer=args.tokenizer)
     editing.check_layers(loaded.model, layers)
-    if loaded.tokenizer is None:
-        raise editing.EditError(f"{args.model} carries no tokenizer; give --tokenizer PATH")
     prompt_ids, plan, edit_layers = editing.prepare_edit(loaded.model, loaded.tokenizer, args.prompt, args.source,
                                                          args.target, args.mode, layers)
     if args.persist:  # before any output: a mode that does not apply writes nothing
@@ -84,20 +83,21 @@ def run(args) -> dict:
         words = [loaded.tokenizer.decode([i]) for i in changed]
         print(f"stem-edit: warning: --persist rewrites the rows of tokens {words} in layers {record['layers']}: "
               "every occurrence of them, in any text, now reads the target's rows", file=sys.stderr)
-        hf = dict(loaded.hf_config, torch_dtype="float32",
-                  stem_edit={k: record[k] for k in ("source", "target", "mode", "layers")} | {"changed_ids": changed})
-        write_export(args.persist, state, hf, loaded.tokenizer_files)
+        edit = {k: record[k] for k in ("source", "target", "mode", "layers")} | {"changed_ids": changed}
+        # a full export (transformers model files, tokenizer.json) like stem-export's, in fp32 as edited
+        write_export(args.persist, state, loaded.config | {"stem_edit": edit}, loaded.tokenizer_source, "float32")
         record["persisted"] = args.persist
     return record
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from stem_megatron.model_loading import ModelLoadError
+    from stem_megatron.data.tokenizer import TokenizerError
+    from stem_megatron.inference.loading import ModelLoadError
 
     try:
         record = run(args)
-    except (editing.EditError, FileExistsError) as e:
+    except (editing.EditError, FileExistsError, TokenizerError) as e:
         print(f"stem-edit: {e}", file=sys.stderr)
         return 2
     except ModelLoadError as e:

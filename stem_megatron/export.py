@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -114,51 +115,70 @@ def full_tables(ckpt: str, meta: dict) -> dict[int, torch.Tensor]:
     return {layer: reader.read_layer(layer, target, kinds=("weight",))[0]["weight"] for layer in reader.layers}
 
 
-def hf_config(cfg, meta: dict, dtype: str, tokenizer: dict | None, vocab_rows: int,
-              special_ids: dict | None = None) -> dict:
-    from stem_megatron.hf import AUTO_MAP
+def config_json(rc, seq_length: int) -> dict:
+    """config.json's model fields for a `ReferenceConfig` (the inverse of `reference_config_of`).
 
-    m = cfg.model
+    `seq_length` is the context the model was trained at (`max_position_embeddings`). The
+    tokenizer, dtype and auto_map fields are `write_export`'s: they describe the written files.
+    """
     return {
         "architectures": ["StemLlamaForCausalLM"],
         "model_type": "stem_llama",
-        "auto_map": AUTO_MAP,
-        "vocab_size": vocab_rows,
-        "hidden_size": m.hidden_size,
-        "intermediate_size": m.ffn_hidden_size,
-        "num_hidden_layers": m.num_layers,
-        "num_attention_heads": m.num_attention_heads,
-        "num_key_value_heads": m.query_groups,
-        "head_dim": m.head_dim,
+        "vocab_size": rc.vocab_size,
+        "hidden_size": rc.hidden_size,
+        "intermediate_size": rc.ffn_hidden_size,
+        "num_hidden_layers": rc.num_layers,
+        "num_attention_heads": rc.num_attention_heads,
+        "num_key_value_heads": rc.num_query_groups,
+        "head_dim": rc.head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": m.norm_epsilon,
-        "rope_theta": m.rotary_base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rotary_base},
-        "max_position_embeddings": m.seq_length,
-        "tie_word_embeddings": m.tie_embeddings,
+        "rms_norm_eps": rc.norm_epsilon,
+        "rope_theta": rc.rotary_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": rc.rotary_base},
+        "max_position_embeddings": seq_length,
+        "tie_word_embeddings": rc.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
-        "torch_dtype": dtype,
-        **(special_ids or {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}),
-        "stem_layers": cfg.stem_layers,
-        "stem_table_vocab_size": m.vocab_size,
-        "stem_tokenizer": tokenizer,
-        "stem_megatron": {"step": meta["step"], "consumed_samples": meta["consumed_samples"],
-                          "versions": meta["versions"]},
+        "stem_layers": list(rc.stem_layers),
+        "stem_table_vocab_size": rc.table_vocab_size or rc.vocab_size,
     }
 
 
-def reference_from_config(c: dict):
-    """An uninitialised `ReferenceStemLM` for an export's config.json fields (`hf_config`'s dict)."""
-    from stem_megatron.reference import ReferenceConfig, ReferenceStemLM
+def reference_config_of(c: dict):
+    """The `ReferenceConfig` an export's config.json fields describe (the inverse of `config_json`)."""
+    from stem_megatron.reference import ReferenceConfig
 
-    return ReferenceStemLM(ReferenceConfig(
+    return ReferenceConfig(
         vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
         num_attention_heads=c["num_attention_heads"], num_query_groups=c["num_key_value_heads"],
         head_dim=c["head_dim"], ffn_hidden_size=c["intermediate_size"], stem_layers=list(c["stem_layers"]),
         table_vocab_size=c["stem_table_vocab_size"], rotary_base=c["rope_theta"], norm_epsilon=c["rms_norm_eps"],
         tie_embeddings=c["tie_word_embeddings"],
-    ))
+    )
+
+
+def hf_config(cfg, meta: dict, vocab_rows: int) -> dict:
+    """config.json's model fields for a checkpoint: its config's shape with `vocab_rows` (padded)
+    embedding rows, plus where it came from (step, consumed samples, versions)."""
+    from stem_megatron.reference import ReferenceConfig
+
+    m = cfg.model
+    rc = ReferenceConfig(
+        vocab_size=vocab_rows, table_vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads, num_query_groups=m.query_groups, head_dim=m.head_dim,
+        ffn_hidden_size=m.ffn_hidden_size, stem_layers=cfg.stem_layers, rotary_base=m.rotary_base,
+        norm_epsilon=m.norm_epsilon, tie_embeddings=m.tie_embeddings,
+    )
+    return config_json(rc, m.seq_length) | {
+        "stem_megatron": {"step": meta["step"], "consumed_samples": meta["consumed_samples"],
+                          "versions": meta["versions"]}}
+
+
+def reference_from_config(c: dict):
+    """An uninitialised `ReferenceStemLM` for an export's config.json fields."""
+    from stem_megatron.reference import ReferenceStemLM
+
+    return ReferenceStemLM(reference_config_of(c))
 
 
 def load_exported(path: str, dtype: torch.dtype = torch.float32):
@@ -172,14 +192,76 @@ def load_exported(path: str, dtype: torch.dtype = torch.float32):
     return ref.to(dtype).eval()
 
 
-def _copy_tokenizer(src: str, out_dir: str, kind: str) -> dict:
-    if os.path.isdir(src):
-        names = sorted(os.listdir(src))
-        for name in names:
-            shutil.copy2(os.path.join(src, name), out_dir)
-        return {"kind": kind, "files": names}
-    shutil.copy2(src, out_dir)
-    return {"kind": kind, "files": [os.path.basename(src)]}
+@dataclass
+class TokenizerSource:
+    """A tokenizer an export ships: `path` is what `load_tokenizer` reads (a file, or a directory for
+    the huggingface / gpt2 kinds), `files` what is copied into the export's root."""
+
+    path: str
+    kind: str
+    files: list[str]
+
+    @classmethod
+    def at(cls, path: str, kind: str | None = None) -> TokenizerSource:
+        """A tokenizer file or directory (every file of a directory is shipped); kind detected if None."""
+        from stem_megatron.data.tokenizer import detect_kind
+
+        files = ([os.path.join(path, n) for n in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, n))]
+                 if os.path.isdir(path) else [path])
+        return cls(path, kind or detect_kind(path), files)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def write_export(output: str, state: dict[str, torch.Tensor], config: dict, tokenizer: TokenizerSource | None,
+                 dtype: str = "float32") -> None:
+    """Write an export directory: weights, config.json, the transformers model files, the tokenizer.
+
+    `state` has reference names (`to_reference_names`, a ReferenceStemLM's state_dict) and `config`
+    the model fields (`config_json` / `hf_config`, or a loaded export's config.json); this adds
+    what the written files decide: `torch_dtype`, `auto_map`, the tokenizer and its special ids.
+    Written under a temporary name and renamed when complete, so a failure (e.g. a tokenizer that
+    does not convert to tokenizer.json) leaves nothing behind. `output` must not exist or be empty.
+    """
+    from safetensors.torch import save_file
+
+    from stem_megatron.hf import AUTO_MAP, copy_model_files, generation_config
+
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise FileExistsError(f"{output} exists and is not empty")
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(os.path.abspath(output))}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        save_file({k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in state.items()},
+                  os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+        os.chmod(os.path.join(tmp, WEIGHTS), 0o644)
+        tok_info, special_ids = None, {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+        if tokenizer is not None:
+            from stem_megatron.hf.tokenizer_files import write_hf_tokenizer
+
+            for f in tokenizer.files:
+                shutil.copy2(f, tmp)
+            tok_info = {"kind": tokenizer.kind, "files": [os.path.basename(f) for f in tokenizer.files]}
+            # after the copies: a huggingface kind's own tokenizer.json is replaced by the same tokenizer,
+            # saved with the special-token flags AutoTokenizer expects
+            special_ids = write_hf_tokenizer(tokenizer.path, tokenizer.kind, tmp,
+                                             max_length=config.get("max_position_embeddings"))
+        copy_model_files(tmp)
+        out = config | {"auto_map": AUTO_MAP, "torch_dtype": dtype, **special_ids, "stem_tokenizer": tok_info}
+        with open(os.path.join(tmp, CONFIG_JSON), "w") as f:
+            json.dump(out, f, indent=2)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump(generation_config(out["vocab_size"], out["stem_table_vocab_size"], special_ids), f, indent=2)
+        if os.path.isdir(output):
+            os.rmdir(output)  # empty (checked above)
+        os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_checkpoint(ckpt_path: str):
@@ -212,48 +294,24 @@ def _checkpoint_meta(ckpt_path: str):
     return ckpt, meta, cfg
 
 
+def checkpoint_tokenizer(ckpt: str, meta: dict) -> TokenizerSource | None:
+    """The tokenizer copy a checkpoint carries, or None."""
+    info = meta.get("tokenizer")
+    return TokenizerSource.at(os.path.join(ckpt, info["path"]), info["kind"]) if info else None
+
+
 def export(ckpt_path: str, output: str, dtype: str = "float32", tokenizer: str | None = None) -> str:
     """Write the export of checkpoint `ckpt_path` (a checkpoint or save directory) to `output`.
 
     The arguments (output, tokenizer against the checkpoint's vocabulary) are checked before any
-    tensor is read; the directory is written under a temporary name and renamed when complete, and
-    an error or Ctrl-C leaves no half-written hidden directory behind.
+    tensor is read; `write_export` writes under a temporary name and leaves nothing on failure.
     """
-    from safetensors.torch import save_file
-
     check_output(output)
     ckpt, meta, cfg = _checkpoint_meta(ckpt_path)
     tok = check_tokenizer(tokenizer, ckpt, meta, cfg)  # arguments first, then the (long) verification
     ckpt, meta, cfg, state = read_checkpoint(ckpt)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(os.path.abspath(output))}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        os.makedirs(tmp)
-        save_file({k: v.to(torch_dtype) for k, v in state.items()}, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
-        os.chmod(os.path.join(tmp, WEIGHTS), 0o644)
-        tok_info, special_ids = None, None
-        if tok:
-            from stem_megatron.hf.tokenizer_files import write_hf_tokenizer
-
-            tok_info = _copy_tokenizer(tok[0], tmp, tok[1])
-            special_ids = write_hf_tokenizer(tok[0], tok[1], tmp, max_length=cfg.model.seq_length)
-        from stem_megatron.hf import copy_model_files, generation_config
-
-        copy_model_files(tmp)
-        rows = state["model.embed_tokens.weight"].shape[0]
-        with open(os.path.join(tmp, CONFIG_JSON), "w") as f:
-            json.dump(hf_config(cfg, meta, dtype, tok_info, rows, special_ids), f, indent=2)
-        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump(generation_config(rows, cfg.model.vocab_size, special_ids), f, indent=2)
-        if os.path.isdir(output):
-            os.rmdir(output)  # empty (checked above)
-        os.rename(tmp, output)
-    except BaseException:  # an error or Ctrl-C: leave no half-written hidden directory behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    source = TokenizerSource.at(*tok) if tok else None
+    write_export(output, state, hf_config(cfg, meta, state["model.embed_tokens.weight"].shape[0]), source, dtype)
     return ckpt
 
 

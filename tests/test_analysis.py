@@ -34,7 +34,7 @@ def _train_and_save(rank, world_size, root, tokenizer):
 def setup(tmp_path_factory):
     from fixtures.tiny_tokenizers import corpus, make_tiktoken
 
-    from stem_megatron.model_loading import hf_config_of, write_export
+    from stem_megatron.export import TokenizerSource, config_json, write_export
     from stem_megatron.reference import ReferenceConfig, ReferenceStemLM
 
     root = tmp_path_factory.mktemp("analysis")
@@ -42,9 +42,8 @@ def setup(tmp_path_factory):
     run_distributed(_train_and_save, world_size=1, args=(str(root / "ckpt"), tok), timeout=300)
     dense = ReferenceStemLM(ReferenceConfig(vocab_size=320, hidden_size=32, num_layers=3, num_attention_heads=2,
                                             num_query_groups=2, head_dim=16, ffn_hidden_size=48, table_vocab_size=300))
-    write_export(str(root / "dense"), dense.state_dict(),
-                 hf_config_of(dense.config, {"kind": "tiktoken", "files": ["tiny.tiktoken"]}) | {
-                     "max_position_embeddings": 16}, [tok])
+    write_export(str(root / "dense"), dense.state_dict(), config_json(dense.config, seq_length=16),
+                 TokenizerSource.at(tok))
     lines = corpus(300, seed=5)
     (root / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[:200]))
     (root / "c.txt").write_text("\n".join(lines[200:]))
@@ -63,7 +62,7 @@ def _analyze(capsys, *args):
 
 
 def test_stem_analyze_writes_figures_and_json(setup, capsys):
-    from stem_megatron.model_loading import load_model
+    from stem_megatron.inference.loading import load_model
 
     root = setup
     out_dir = root / "out"
@@ -122,7 +121,7 @@ def docs_first(docs, token):
 
 def test_checkpoint_loads_as_its_export(setup, tmp_path):
     from stem_megatron.export import main as export_main
-    from stem_megatron.model_loading import load_model
+    from stem_megatron.inference.loading import load_model
 
     root = setup
     assert export_main(["--checkpoint", str(root / "ckpt"), "--output", str(tmp_path / "hf")]) == 0

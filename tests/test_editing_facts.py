@@ -1,7 +1,10 @@
 """The controlled fact test (stem_megatron/testing/facts.py, docs/editing.md) and `stem-edit` on the
 trained fact model: editing country A into country B at the prompt flips the greedy completion to
 B's capital (one_to_one >= 80%), prompts about other countries keep their answers, `--persist`
-makes the edit permanent, and bad input is one line with a non-zero exit.
+makes the edit permanent in a full export that transformers loads with the same logits, and bad
+input is one line with a non-zero exit.
+
+Shape suffixes: 1 a batch of one, s sequence, v vocabulary rows.
 """
 
 import json
@@ -10,6 +13,8 @@ import os
 import pytest
 
 from stem_megatron.testing import facts
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
 
 
 def _train(tmp, seed=0):
@@ -28,13 +33,13 @@ def _check_report(report):
 @pytest.fixture(scope="module")
 def fact(tmp_path_factory):
     """The trained fact model, also written as an export with its word-level tokenizer."""
-    from stem_megatron.model_loading import hf_config_of, write_export
+    from stem_megatron.export import TokenizerSource, config_json, write_export
 
     tmp = tmp_path_factory.mktemp("facts")
     world, tok, model = _train(tmp / "tok")
     export = str(tmp / "export")
-    write_export(export, model.state_dict(), hf_config_of(model.config, {"kind": "huggingface", "files": ["tokenizer.json"]}),
-                 [tok.path])
+    # seq_length: the context facts.py trains at
+    write_export(export, model.state_dict(), config_json(model.config, seq_length=24), TokenizerSource.at(tok.path))
     return world, tok, model, export
 
 
@@ -94,8 +99,11 @@ def test_stem_edit_cli_flips_the_answer(fact, capsys):
 
 
 def test_stem_edit_persist_changes_every_occurrence(fact, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from stem_megatron import editing
-    from stem_megatron.model_loading import load_model
+    from stem_megatron.inference.loading import load_model
 
     world, tok, model, export = fact
     a, b = _one_token_pair(world, tok, model)
@@ -117,15 +125,30 @@ def test_stem_edit_persist_changes_every_occurrence(fact, tmp_path, capsys):
         else:
             assert got == want, world.countries[c]
 
+    # a full export: transformers loads it (its own model files, tokenizer.json) with the edited logits
+    assert {"configuration_stem.py", "modeling_stem.py", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"} <= set(os.listdir(out_dir))
+    config = json.loads(open(os.path.join(out_dir, "config.json")).read())
+    assert config["stem_edit"]["source"] == world.countries[a] and config["stem_edit"]["changed_ids"]
+    hf = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out_dir)
+    prompt = f"The capital of {world.countries[a]} is {world.capitals[a]} . The people of {world.countries[b]} speak"
+    ids_1s = torch.tensor([tok.encode(prompt)])
+    assert hf_tok(prompt).input_ids == ids_1s[0].tolist()
+    with torch.no_grad():
+        got_1sv, want_1sv = hf(input_ids=ids_1s).logits, edited.model(ids_1s)
+        unedited_1sv = model(ids_1s)
+    assert ((got_1sv - want_1sv).abs().max() / want_1sv.abs().max()).item() <= 1e-5
+    assert not torch.allclose(got_1sv, unedited_1sv, atol=1e-3)  # the edited tables are the ones loaded
+
 
 def _dense_export(tmp_path, tok):
-    from stem_megatron.model_loading import hf_config_of, write_export
+    from stem_megatron.export import TokenizerSource, config_json, write_export
     from stem_megatron.reference import ReferenceStemLM
 
     dense = ReferenceStemLM(facts.fact_model_config(128, stem_layers=()))
     path = str(tmp_path / "dense")
-    write_export(path, dense.state_dict(), hf_config_of(dense.config, {"kind": "huggingface", "files": ["tokenizer.json"]}),
-                 [tok.path])
+    write_export(path, dense.state_dict(), config_json(dense.config, seq_length=64), TokenizerSource.at(tok.path))
     return path
 
 
@@ -148,6 +171,8 @@ def test_stem_edit_bad_input_is_one_line(fact, tmp_path, capsys):
         (["--model", _dense_export(tmp_path, tok), "--prompt", prompt, "--source", world.countries[a],
           "--target", world.countries[b], "--mode", "auto"], 2, "no STEM layers"),
         (["--model", str(tmp_path / "nowhere"), "--prompt", prompt, "--source", world.countries[a],
+          "--target", world.countries[b], "--mode", "auto"], 4, "no such file or directory"),
+        (["--model", str(tmp_path), "--prompt", prompt, "--source", world.countries[a],
           "--target", world.countries[b], "--mode", "auto"], 4, "neither an export"),
     ]
     for argv, code, message in cases:

@@ -1,14 +1,17 @@
-"""`--model PATH` for every inference CLI: an export directory or a checkpoint, one loader.
+"""`--model PATH` for every CLI that runs a model (stem-eval, stem-generate, stem-edit, stem-analyze):
+an export directory or a checkpoint, one loader.
 
     loaded = load_model("runs/x/checkpoints")       # or "exported/x" (stem-export's output)
     loaded.model(ids_bs)                            # ReferenceStemLM, eval mode, fp32
-    loaded.tokenizer, loaded.context_length, loaded.kind ("export" | "checkpoint")
+    loaded.tokenizer, loaded.context_length, loaded.kind ("export" | "checkpoint"), loaded.path
+    loaded.config, loaded.tokenizer_source          # what export.write_export needs to write it again
 
 What PATH is, is decided by its contents: `config.json` + `model.safetensors` make an export;
 otherwise it must resolve as a checkpoint (a `step_N` directory, or a save directory whose
 `latest` names one). A checkpoint is converted to full weights in this process by
 `stem_megatron.export.read_checkpoint` (the code `stem-export` runs): its manifest is verified
 first, so a damaged checkpoint is a one-line `ModelLoadError`, never a half-loaded model.
+`tokenizer=` (a file or directory) replaces the tokenizer the model carries.
 """
 
 from __future__ import annotations
@@ -31,6 +34,17 @@ class LoadedModel:
     context_length: int  # the sequence length the model was trained at
     kind: str  # "export" | "checkpoint"
     path: str  # the export directory or the resolved step_N directory
+    tokenizer_source: object  # stem_megatron.export.TokenizerSource: the files a new export ships
+    config: dict | None = None  # config.json's fields (export.hf_config for a checkpoint); None from `describe`
+
+    @property
+    def stem_layers(self) -> list[int]:
+        return list(self.model.config.stem_layers)
+
+    @property
+    def text_vocab_size(self) -> int:
+        """Ids a tokenizer can produce (the embedding has padding rows past them)."""
+        return self.model.config.table_vocab_size or self.model.config.vocab_size
 
 
 def is_export(path: str) -> bool:
@@ -39,64 +53,84 @@ def is_export(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_JSON)) and os.path.isfile(os.path.join(path, WEIGHTS))
 
 
-def resolve_checkpoint(path: str) -> str:
+def resolve_checkpoint(path: str, flag: str = "--model") -> str:
     """The step directory a checkpoint PATH names; ModelLoadError when there is none."""
     from stem_megatron.training import checkpoint_format as fmt
 
     if not os.path.exists(path):
-        raise ModelLoadError(f"--model {path}: no such file or directory")
+        raise ModelLoadError(f"{flag} {path}: no such file or directory")
     ckpt = fmt.resolve(path) if os.path.isdir(path) else None
     if ckpt is None:
-        raise ModelLoadError(f"--model {path}: neither an export (config.json + model.safetensors) nor a checkpoint")
+        raise ModelLoadError(f"{flag} {path}: neither an export (config.json + model.safetensors) nor a checkpoint")
     return ckpt
 
 
-def _tokenizer(path: str, kind: str):
+def _tokenizer(source):
     from stem_megatron.data.tokenizer import TokenizerError, load_tokenizer
 
     try:
-        return load_tokenizer(path, kind)
+        return load_tokenizer(source.path, source.kind)
     except TokenizerError as e:
         raise ModelLoadError(f"tokenizer: {e}") from None
 
 
-def _export_tokenizer(path: str, config: dict):
+def _override(tokenizer: str):
+    from stem_megatron.data.tokenizer import TokenizerError
+    from stem_megatron.export import TokenizerSource
+
+    if not os.path.exists(tokenizer):
+        raise ModelLoadError(f"--tokenizer {tokenizer}: no such file or directory")
+    try:
+        return TokenizerSource.at(tokenizer)
+    except TokenizerError as e:
+        raise ModelLoadError(f"tokenizer: {e}") from None
+
+
+def _export_tokenizer(path: str, config: dict, flag: str):
+    from stem_megatron.export import TokenizerSource
+
     info = config.get("stem_tokenizer")
     if not info:
-        raise ModelLoadError(f"--model {path}: the export carries no tokenizer (re-export with --tokenizer)")
+        raise ModelLoadError(f"{flag} {path}: the export carries no tokenizer (re-export with --tokenizer, "
+                             "or pass --tokenizer to stem-edit / stem-analyze)")
+    files = [os.path.join(path, n) for n in info["files"]]
     # Directory kinds (tokenizer.json, vocab.json + merges.txt) were copied into the export's root.
-    where = path if info["kind"] in ("huggingface", "gpt2") else os.path.join(path, info["files"][0])
-    return _tokenizer(where, info["kind"])
+    where = path if info["kind"] in ("huggingface", "gpt2") else files[0]
+    return TokenizerSource(where, info["kind"], files)
 
 
-def describe(path: str) -> LoadedModel:
-    """What PATH holds, without its weights (`model` is None): kind, resolved path, tokenizer, context."""
-    from stem_megatron.export import CONFIG_JSON
+def describe(path: str, tokenizer: str | None = None, flag: str = "--model") -> LoadedModel:
+    """What PATH holds, without its weights (`model` is None; `config` too for a checkpoint): kind,
+    resolved path, tokenizer, context. `flag` names the option in error messages."""
+    from stem_megatron.export import CONFIG_JSON, checkpoint_tokenizer
 
+    override = _override(tokenizer) if tokenizer is not None else None
     if is_export(path):
         with open(os.path.join(path, CONFIG_JSON)) as f:
             config = json.load(f)
-        return LoadedModel(None, _export_tokenizer(path, config), int(config["max_position_embeddings"]), "export",
-                           path)
+        source = override or _export_tokenizer(path, config, flag)
+        return LoadedModel(None, _tokenizer(source), int(config["max_position_embeddings"]), "export", path, source,
+                           config)
     from stem_megatron.training.checkpoint_format import CheckpointError
     from stem_megatron.training.checkpoint_meta import read_meta, saved_config
 
-    ckpt = resolve_checkpoint(path)
+    ckpt = resolve_checkpoint(path, flag)
     try:
         meta, cfg = read_meta(ckpt), saved_config(ckpt)
     except CheckpointError as e:
-        raise ModelLoadError(f"--model {path}: checkpoint error: {e}") from None
-    if not meta.get("tokenizer"):
-        raise ModelLoadError(f"--model {path}: the checkpoint carries no tokenizer copy")
-    tok = _tokenizer(os.path.join(ckpt, meta["tokenizer"]["path"]), meta["tokenizer"]["kind"])
-    return LoadedModel(None, tok, cfg.model.seq_length, "checkpoint", ckpt)
+        raise ModelLoadError(f"{flag} {path}: checkpoint error: {e}") from None
+    source = override or checkpoint_tokenizer(ckpt, meta)
+    if source is None:
+        raise ModelLoadError(f"{flag} {path}: the checkpoint carries no tokenizer copy")
+    return LoadedModel(None, _tokenizer(source), cfg.model.seq_length, "checkpoint", ckpt, source)
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """The plain-PyTorch model of an export or checkpoint PATH, with tokenizer and context length."""
+def load_model(path: str, dtype: torch.dtype = torch.float32, tokenizer: str | None = None,
+               flag: str = "--model") -> LoadedModel:
+    """The plain-PyTorch model of an export or checkpoint PATH, with tokenizer, context length, config."""
     from stem_megatron.export import load_exported
 
-    info = describe(path)
+    info = describe(path, tokenizer, flag)
     if info.kind == "export":
         info.model = load_exported(path, dtype)
         return info
@@ -108,9 +142,9 @@ def load_model(path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     try:
         ckpt, meta, cfg, state = read_checkpoint(info.path)
     except (CheckpointError, TableFormatError, KeyError) as e:
-        raise ModelLoadError(f"--model {path}: checkpoint error: {e}") from None
-    config = hf_config(cfg, meta, "float32", None, state["model.embed_tokens.weight"].shape[0])
-    model = reference_from_config(config)
+        raise ModelLoadError(f"{flag} {path}: checkpoint error: {e}") from None
+    info.config = hf_config(cfg, meta, state["model.embed_tokens.weight"].shape[0])
+    model = reference_from_config(info.config)
     model.load_state_dict(state, strict=True)
     info.model = model.to(dtype).eval()
     return info
