@@ -95,6 +95,8 @@ def merge(inputs: list[str], output_prefix: str) -> tuple[int, int]:
     sequences = sum(i.sequences for i in indices)
     # each input's leading 0 is dropped except the first's (as add_index does)
     documents = 1 + sum(i.documents - 1 for i in indices)
+    if documents == 1:  # empty partitions are fine, an empty dataset is not (training would fail on it)
+        raise MergeError("the inputs hold no documents; nothing written")
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
 
     bin_partial, idx_partial = output_prefix + ".bin" + PARTIAL, output_prefix + ".idx" + PARTIAL

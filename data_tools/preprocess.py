@@ -191,7 +191,9 @@ def preprocess(opts: PreprocessOptions, log=None) -> PreprocessSummary:
                     batch.num_bytes,
                 )
         empty = [key for key, out in outputs.items() if out.num_documents == 0]
-        if empty:  # an empty pair would only fail later, in training
+        # An empty pair would only fail later, in training. One partition of a split input may be
+        # empty (a small input, many partitions): stem-merge refuses a merge without documents.
+        if empty and opts.partition is None:
             skipped = sum(summary.skipped.values())
             raise InputError(
                 f"no documents for key {empty[0]!r}: {_count(summary.records, 'record')} read, "

@@ -32,7 +32,12 @@ def agree(fn, *args, **kwargs):
     try:
         out = fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - any rank's failure must reach every rank
-        err = f"{e}" if isinstance(e, CheckpointError | TableFormatError) else f"{type(e).__name__}: {e}"
+        if isinstance(e, CheckpointError | TableFormatError):
+            err = f"{e}"
+        elif isinstance(e, OSError) and e.strerror:  # "PATH: No space left on device", not "[Errno 28] ..."
+            err = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+        else:
+            err = f"{type(e).__name__}: {e}"
     if dist.is_initialized():
         errs = [None] * world()
         dist.all_gather_object(errs, err, group=_group())

@@ -217,7 +217,7 @@ class Trainer:
         return train, valid
 
     # ------------------------------------------------------------------ one step
-    def _check_token_ids(self, batches) -> None:
+    def _check_token_ids(self, batches, what: str = "training") -> None:
         """Raise the same StemIndexError on every rank if any rank's batch has an id outside the vocabulary.
 
         A bad id otherwise fails only where it is looked up (the first stage's embedding or a STEM
@@ -237,7 +237,8 @@ class Trainer:
             r = ranks[0]
             more = f"; {len(ranks) - 1} other rank(s) also had bad ids" if len(ranks) > 1 else ""
             raise StemIndexError(f"token id {int(report[1, r])} is outside the vocabulary [0, {vocab}) on global rank "
-                                 f"{r} ({int(report[0, r])} bad id(s) there){more}; was data.data_path made with "
+                                 f"{r} ({int(report[0, r])} bad id(s) there){more}, in the {what} data (step "
+                                 f"{self.step + 1}); was data.data_path made with "
                                  f"another tokenizer than data.tokenizer={self.cfg.data.tokenizer}?")
 
     def _forward_step(self, data_iterator, model):
@@ -267,7 +268,7 @@ class Trainer:
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        self._check_token_ids(batches)
+        self._check_token_ids(batches, "validation" if forward_only else "training")
         model = self.model if len(self.model) > 1 else self.model[0]
         iters = [_Peekable(batches) for _ in self.model] if len(self.model) > 1 else _Peekable(batches)
         # stem.exchange_scope=step: every chunk's table exchange for the whole step, up front
@@ -348,8 +349,9 @@ class Trainer:
         the rank that knows why (the others only lost their peer in a collective)."""
         try:
             self.checkpointer.save(self, final=final)
-        except CheckpointError:
-            raise
+        except CheckpointError as e:  # agreed on every rank (checkpoint_collective): the same line everywhere
+            raise CheckpointError(f"saving step {self.step} to {self.cfg.checkpoint.save} failed ({e}); the previous "
+                                  "checkpoint is intact") from None
         except Exception as e:  # noqa: BLE001 - whatever broke the save, the run ends with exit 4
             # A rank whose peer died mid-collective says nothing: the rank that failed says why.
             peer_gone = isinstance(e, dist.DistError) or "closed by peer" in str(e)
