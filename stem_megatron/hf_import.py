@@ -287,22 +287,14 @@ def _write_tables(hf: HFCheckpoint, cfg, ckpt_dir: str, table_init: str) -> dict
 
 def _copy_tokenizer(cfg, hf: HFCheckpoint, ckpt_dir: str) -> dict | None:
     """The config's tokenizer if it exists, else the Hugging Face directory's tokenizer.json."""
-    from stem_megatron.data.tokenizer import detect_kind
+    from stem_megatron.training.checkpoint_meta import copy_tokenizer
 
-    fmt, _, _ = _checkpoint_api()
     src, kind = cfg.data.tokenizer, cfg.data.tokenizer_type
     if not (src and os.path.exists(src)):
         src, kind = os.path.join(hf.path, "tokenizer.json"), "huggingface"
         if not os.path.isfile(src):
             return None
-    kind = kind or detect_kind(src)
-    dst = os.path.join(ckpt_dir, fmt.TOKENIZER)
-    if os.path.isdir(src):
-        shutil.copytree(src, dst)
-        return {"kind": kind, "path": fmt.TOKENIZER}
-    os.makedirs(dst)
-    shutil.copy2(src, dst)
-    return {"kind": kind, "path": os.path.join(fmt.TOKENIZER, os.path.basename(src))}
+    return copy_tokenizer(src, kind, ckpt_dir)
 
 
 def import_hf(hf_dir: str, cfg, output: str, table_init: str = "up_proj") -> str:
