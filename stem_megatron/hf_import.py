@@ -21,7 +21,7 @@ optimizers and LR schedules from step 0.
 - Tensors are read one at a time (`safetensors.safe_open`); each table is computed once, written,
   and freed before the next (never two copies of a table).
 Every check (architecture, shapes, vocabulary, missing tensors) runs before anything is written;
-a failure prints one line, exits 2 and leaves nothing behind.
+a failure prints one line, exits 2 and leaves nothing behind; Ctrl-C exits 130, also leaving nothing.
 
 Legend: V vocabulary, F ffn, h hidden, r a block of rows.
 """
@@ -354,19 +354,23 @@ def main(argv=None) -> int:
                     help="STEM tables: W_up . RMSNorm(emb) [up_proj], or the config's random init")
     ap.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     args = ap.parse_args(argv)
+    from stem_megatron import cli
     from stem_megatron.config import ConfigError, load_config
 
-    t0 = time.perf_counter()
-    try:
+    cli.quiet_known_warnings()
+
+    def body() -> int:
+        t0 = time.perf_counter()
         cfg = load_config(args.config, args.overrides)
         out = import_hf(args.hf, cfg, args.output, args.table_init)
-    except (ConfigError, HFImportError, FileNotFoundError) as e:
-        print(f"stem-import: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    layers = cfg.stem_layers
-    print(f"stem-import: wrote {out} ({cfg.model.num_layers} layers, STEM layers {layers or 'none'}"
-          + (f", tables by {args.table_init}" if layers else "") + f"; {time.perf_counter() - t0:.1f} s)")
-    return 0
+        layers = cfg.stem_layers
+        print(f"stem-import: wrote {out} ({cfg.model.num_layers} layers, STEM layers {layers or 'none'}"
+              + (f", tables by {args.table_init}" if layers else "") + f"; {time.perf_counter() - t0:.1f} s)")
+        return 0
+
+    return cli.run("stem-import", body,
+                   errors=((ConfigError, 2, ""), (HFImportError, 2, ""), (FileNotFoundError, 2, "")),
+                   interrupted_note="nothing written (import_hf removes its partial output)")
 
 
 if __name__ == "__main__":
