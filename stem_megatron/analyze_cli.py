@@ -6,7 +6,8 @@
 `--model` / `--dense` take an export or a checkpoint directory (or save root). Corpus files are
 `.jsonl` ({"text": ...} per line) or plain text. Writes, into DIR, angular_spread.{json,png}
 and unique_tokens.{json,png} (the methods: stem_megatron/analysis.py), only after every number
-is computed. Exit codes: 0 written, 2 bad input, 4 model not loadable.
+is computed. Exit codes: 0 written, 2 bad input, 4 model not loadable, 130 interrupted (Ctrl-C);
+errors are one line on stderr (stem_megatron/cli.py).
 """
 
 from __future__ import annotations
@@ -75,17 +76,17 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from stem_megatron import cli
     from stem_megatron.data.tokenizer import TokenizerError
     from stem_megatron.inference.loading import ModelLoadError
 
-    try:
-        out = run(args)
-    except (analysis.AnalysisError, TokenizerError, UnicodeDecodeError) as e:
-        print(f"stem-analyze: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except ModelLoadError as e:
-        print(f"stem-analyze: cannot load the model: {e}", file=sys.stderr)
-        return 4
+    cli.quiet_known_warnings()
+    return cli.run("stem-analyze", lambda: _report(args, run(args)), errors=(
+        (analysis.AnalysisError, 2, ""), (TokenizerError, 2, ""), (UnicodeDecodeError, 2, ""),
+        (ModelLoadError, 4, "cannot load the model: ")))
+
+
+def _report(args, out: dict) -> int:
     spread, unique = out["angular_spread"], out["unique_tokens"]
     for layer, e in spread["layers"].items():
         line = f"layer {layer}: STEM rows cos mean {e['stem']['mean']:.4f} (angle {e['stem']['mean_angle_deg']:.1f} deg)"

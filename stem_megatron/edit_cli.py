@@ -7,7 +7,8 @@
 tokens and a greedy continuation before and after the edit, then the JSON record as the last line.
 `--persist OUT` (one_to_one only) writes a new export whose tables carry the edit: every occurrence
 of the source tokens then reads the target's rows. The modes are described in stem_megatron/editing.py.
-Exit codes: 0 done, 2 bad arguments or an edit that does not apply, 4 model not loadable.
+Exit codes: 0 done, 2 bad arguments or an edit that does not apply, 4 model not loadable,
+130 interrupted (Ctrl-C); errors are one line on stderr (stem_megatron/cli.py).
 """
 
 from __future__ import annotations
@@ -92,17 +93,18 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from stem_megatron import cli
     from stem_megatron.data.tokenizer import TokenizerError
     from stem_megatron.inference.loading import ModelLoadError
 
-    try:
-        record = run(args)
-    except (editing.EditError, FileExistsError, TokenizerError) as e:
-        print(f"stem-edit: {e}", file=sys.stderr)
-        return 2
-    except ModelLoadError as e:
-        print(f"stem-edit: cannot load the model: {e}", file=sys.stderr)
-        return 4
+    cli.quiet_known_warnings()
+    return cli.run("stem-edit", lambda: _report(run(args)), errors=(
+        (editing.EditError, 2, ""), (FileExistsError, 2, ""), (TokenizerError, 2, ""),
+        (ModelLoadError, 4, "cannot load the model: ")),
+        interrupted_note="nothing persisted (an export is written under a temporary name)")
+
+
+def _report(record: dict) -> int:
     print(f"edit: {record['source_tokens']} -> {record['target_tokens']} at tokens {record['span']} "
           f"({record['resolved_mode']}, layers {record['layers']})")
     _show("before", record["before"])

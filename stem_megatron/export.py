@@ -226,16 +226,12 @@ def write_export(output: str, state: dict[str, torch.Tensor], config: dict, toke
     """
     from safetensors.torch import save_file
 
+    from stem_megatron.atomic_dir import atomic_dir
     from stem_megatron.hf import AUTO_MAP, copy_model_files, generation_config
 
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
         raise FileExistsError(f"{output} exists and is not empty")
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(os.path.abspath(output))}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_dir(output) as tmp:
         save_file({k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in state.items()},
                   os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         os.chmod(os.path.join(tmp, WEIGHTS), 0o644)
@@ -256,12 +252,6 @@ def write_export(output: str, state: dict[str, torch.Tensor], config: dict, toke
             json.dump(out, f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump(generation_config(out["vocab_size"], out["stem_table_vocab_size"], special_ids), f, indent=2)
-        if os.path.isdir(output):
-            os.rmdir(output)  # empty (checked above)
-        os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_checkpoint(ckpt_path: str):

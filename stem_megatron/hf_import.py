@@ -21,7 +21,7 @@ optimizers and LR schedules from step 0.
 - Tensors are read one at a time (`safetensors.safe_open`); each table is computed once, written,
   and freed before the next (never two copies of a table).
 Every check (architecture, shapes, vocabulary, missing tensors) runs before anything is written;
-a failure prints one line, exits 2 and leaves nothing behind.
+a failure prints one line, exits 2 and leaves nothing behind; Ctrl-C exits 130, also leaving nothing.
 
 Legend: V vocabulary, F ffn, h hidden, r a block of rows.
 """
@@ -287,22 +287,14 @@ def _write_tables(hf: HFCheckpoint, cfg, ckpt_dir: str, table_init: str) -> dict
 
 def _copy_tokenizer(cfg, hf: HFCheckpoint, ckpt_dir: str) -> dict | None:
     """The config's tokenizer if it exists, else the Hugging Face directory's tokenizer.json."""
-    from stem_megatron.data.tokenizer import detect_kind
+    from stem_megatron.training.checkpoint_meta import copy_tokenizer
 
-    fmt, _, _ = _checkpoint_api()
     src, kind = cfg.data.tokenizer, cfg.data.tokenizer_type
     if not (src and os.path.exists(src)):
         src, kind = os.path.join(hf.path, "tokenizer.json"), "huggingface"
         if not os.path.isfile(src):
             return None
-    kind = kind or detect_kind(src)
-    dst = os.path.join(ckpt_dir, fmt.TOKENIZER)
-    if os.path.isdir(src):
-        shutil.copytree(src, dst)
-        return {"kind": kind, "path": fmt.TOKENIZER}
-    os.makedirs(dst)
-    shutil.copy2(src, dst)
-    return {"kind": kind, "path": os.path.join(fmt.TOKENIZER, os.path.basename(src))}
+    return copy_tokenizer(src, kind, ckpt_dir)
 
 
 def import_hf(hf_dir: str, cfg, output: str, table_init: str = "up_proj") -> str:
@@ -362,19 +354,23 @@ def main(argv=None) -> int:
                     help="STEM tables: W_up . RMSNorm(emb) [up_proj], or the config's random init")
     ap.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     args = ap.parse_args(argv)
+    from stem_megatron import cli
     from stem_megatron.config import ConfigError, load_config
 
-    t0 = time.perf_counter()
-    try:
+    cli.quiet_known_warnings()
+
+    def body() -> int:
+        t0 = time.perf_counter()
         cfg = load_config(args.config, args.overrides)
         out = import_hf(args.hf, cfg, args.output, args.table_init)
-    except (ConfigError, HFImportError, FileNotFoundError) as e:
-        print(f"stem-import: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    layers = cfg.stem_layers
-    print(f"stem-import: wrote {out} ({cfg.model.num_layers} layers, STEM layers {layers or 'none'}"
-          + (f", tables by {args.table_init}" if layers else "") + f"; {time.perf_counter() - t0:.1f} s)")
-    return 0
+        layers = cfg.stem_layers
+        print(f"stem-import: wrote {out} ({cfg.model.num_layers} layers, STEM layers {layers or 'none'}"
+              + (f", tables by {args.table_init}" if layers else "") + f"; {time.perf_counter() - t0:.1f} s)")
+        return 0
+
+    return cli.run("stem-import", body,
+                   errors=((ConfigError, 2, ""), (HFImportError, 2, ""), (FileNotFoundError, 2, "")),
+                   interrupted_note="nothing written (import_hf removes its partial output)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared pytest configuration: the `gpu` marker skips without CUDA (with that reason)."""
+"""Shared pytest configuration: the `gpu` marker skips without CUDA (with that reason); the
+`one_torch_thread` fixture (a module opts in with `pytestmark = pytest.mark.usefixtures(...)`)."""
 
 import pytest
 import torch
@@ -11,3 +12,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for the module's tests, restored afterwards."""
+    # 2 cores shared by many jobs: torch's intra-op threads spin-wait and make tiny models 50x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -9,14 +9,7 @@ import torch
 
 from stem_megatron.inference import niah
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 cores shared by many jobs: torch's intra-op threads spin-wait and make tiny models 50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: tiny models, shared cores
 
 
 @pytest.fixture(scope="module")

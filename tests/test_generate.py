@@ -14,13 +14,7 @@ from stem_megatron.testing.models import reference_model, tiny_config
 PROMPTS = [[5, 9, 9, 17, 3, 5, 30, 2, 9, 11, 5], [7, 7, 1], [12, 30, 4, 4, 8, 2, 19]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 cores shared by many jobs: torch's intra-op threads spin-wait and make tiny models 50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: tiny models, shared cores
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ of context). Progress goes to stderr; stdout ends with one JSON line (`loss`, `p
 generation engine (see niah.py for the prompts and outputs).
 
 Exit codes: 0 done, 2 bad arguments or input (missing / empty input, lengths beyond the context),
-4 the model does not load (missing or damaged checkpoint).
+4 the model does not load (missing or damaged checkpoint), 130 interrupted (Ctrl-C); one line on
+stderr (stem_megatron/cli.py), from rank 0 under torchrun.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import json
 import os
 import re
 import sys
+
+from stem_megatron.cli import UserError
 
 _OVERRIDE = re.compile(r"^[A-Za-z_]+(\.[A-Za-z_]+)+=")
 
@@ -68,10 +71,11 @@ def parse_args(argv=None):
     return args
 
 
-class _Fail(Exception):
+class _Fail(UserError):
+    """A user error with its exit code first, as the checks below read best."""
+
     def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code)
 
 
 def _device(name):
@@ -184,19 +188,20 @@ def run_niah(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import warnings
+    from stem_megatron import cli
+    from stem_megatron.inference.loading import ModelLoadError
 
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-    is_rank0 = os.environ.get("RANK", "0") == "0"
-    try:
+    cli.quiet_known_warnings()
+
+    def body() -> int:
         result = run_ppl(args) if args.command == "ppl" else run_niah(args)
-    except _Fail as e:
-        if is_rank0:
-            print(f"stem-eval {args.command}: {e}", file=sys.stderr, flush=True)
-        return e.code
-    if is_rank0:
-        print(json.dumps(result), flush=True)
-    return 0
+        if cli.rank() == 0:
+            print(json.dumps(result), flush=True)
+        return 0
+
+    # Under torchrun only rank 0 prints (cli.run): every rank reads the same files and checks.
+    return cli.run(f"stem-eval {args.command}", body, errors=((ModelLoadError, 4, ""),),
+                   interrupted_note="no result (niah writes its --output only when complete)")
 
 
 if __name__ == "__main__":

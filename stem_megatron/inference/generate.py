@@ -14,7 +14,7 @@ columns (megatron pads the embedding) are never sampled. A sequence stops at the
 
 stdout: each completion, then one JSON line: prefill and decode tokens/s, counts, the row cache's
 statistics and the completions. Exit codes: 0 done, 2 bad arguments or prompts (empty, longer
-than the context), 4 the model does not load.
+than the context), 4 the model does not load, 130 interrupted (Ctrl-C); errors are one line on stderr.
 
 Legend: b batch, P padded prompt length, s positions of one forward, U unique ids, L STEM layers,
 F ffn, v vocabulary.
@@ -237,37 +237,36 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from stem_megatron.inference.loading import ModelLoadError, load_model
+    from stem_megatron import cli
+    from stem_megatron.inference.loading import ModelLoadError
 
-    try:
-        if not 0.0 < args.top_p <= 1.0 or args.top_k < 0 or args.temperature < 0 or args.chunk_size < 1 \
-                or args.cache_rows < 0:
-            raise GenerationError("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, --chunk-size >= 1, "
-                                  "--cache-rows >= 0")
-        texts = read_prompts(args.prompt, args.prompt_file)
-        if not texts:
-            raise GenerationError("no prompt given (--prompt or --prompt-file)")
-    except GenerationError as e:
-        print(f"stem-generate: {e}", file=sys.stderr)
-        return 2
-    try:
-        loaded = load_model(args.model)
-    except ModelLoadError as e:
-        print(f"stem-generate: {e}", file=sys.stderr)
-        return 4
+    cli.quiet_known_warnings()
+    return cli.run("stem-generate", lambda: _generate(args),
+                   errors=((GenerationError, 2, ""), (ModelLoadError, 4, "")))
+
+
+def _generate(args) -> int:
+    from stem_megatron.inference.loading import load_model
+
+    if not 0.0 < args.top_p <= 1.0 or args.top_k < 0 or args.temperature < 0 or args.chunk_size < 1 \
+            or args.cache_rows < 0:
+        raise GenerationError("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, --chunk-size >= 1, "
+                              "--cache-rows >= 0")
+    texts = read_prompts(args.prompt, args.prompt_file)
+    if not texts:
+        raise GenerationError("no prompt given (--prompt or --prompt-file)")
+    loaded = load_model(args.model)
     tok = loaded.tokenizer
-    try:
-        prompts = [tok.encode(t) for t in texts]
-        generator = Generator(loaded.model, context_length=loaded.context_length, vocab=tok.vocab_size, eod=tok.eod,
-                              tables=args.tables, device=args.device, cache_rows=args.cache_rows,
-                              chunk_size=args.chunk_size)
+    prompts = [tok.encode(t) for t in texts]
+    generator = Generator(loaded.model, context_length=loaded.context_length, vocab=tok.vocab_size, eod=tok.eod,
+                          tables=args.tables, device=args.device, cache_rows=args.cache_rows,
+                          chunk_size=args.chunk_size)
+    try:  # close() releases the host row cache (--tables host), also after an error or Ctrl-C
         generator.check(prompts, args.max_new_tokens)
-    except GenerationError as e:
-        print(f"stem-generate: {e}", file=sys.stderr)
-        return 2
-    result = generator.generate(prompts, args.max_new_tokens,
-                                Sampling(args.temperature, args.top_k, args.top_p, args.seed))
-    generator.close()
+        result = generator.generate(prompts, args.max_new_tokens,
+                                    Sampling(args.temperature, args.top_k, args.top_p, args.seed))
+    finally:
+        generator.close()
     completions = [tok.decode([t for t in new if t != tok.eod]) for new in result.tokens]
     for text, completion in zip(texts, completions):
         print(f"{text}\033[1m{completion}\033[0m" if sys.stdout.isatty() else text + completion)

@@ -28,10 +28,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 from dataclasses import dataclass
 
 import torch
+
+from stem_megatron.atomic_dir import atomic_dir
 
 NEEDLE = " The passkey is {key}. Remember it. {key} is the passkey."
 QUESTION = " What is the passkey? The passkey is"
@@ -190,12 +191,7 @@ def heatmap(result: dict, path: str, title: str) -> None:
 
 def write_outputs(result: dict, output: str, title: str) -> None:
     """niah.json, niah.md, niah.png into `output` (created; must not exist or be empty), atomically."""
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(os.path.abspath(output))}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_dir(output) as tmp:
         with open(os.path.join(tmp, "niah.json"), "w") as f:
             json.dump(result, f, indent=1)
         with open(os.path.join(tmp, "niah.md"), "w") as f:
@@ -206,9 +202,3 @@ def write_outputs(result: dict, output: str, title: str) -> None:
                     + "\n\nNeedle gain (answer NLL without the needle minus with it; > 0: the model uses the needle):\n\n"
                     + markdown_table(result, "needle_gain", ".3f") + "\n")
         heatmap(result, os.path.join(tmp, "niah.png"), title)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.isdir(output):
-        os.rmdir(output)  # empty (checked by the caller)
-    os.rename(tmp, output)

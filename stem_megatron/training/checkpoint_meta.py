@@ -113,10 +113,16 @@ def _copy_tokenizer(cfg: ExperimentConfig, ckpt_dir: str) -> dict | None:
     src = cfg.data.tokenizer
     if not (src and os.path.exists(src)):
         return None
+    return copy_tokenizer(src, cfg.data.tokenizer_type, ckpt_dir)
+
+
+def copy_tokenizer(src: str, kind: str | None, ckpt_dir: str) -> dict:
+    """Copy tokenizer `src` (a directory or one file) into checkpoint `ckpt_dir`/tokenizer; returns the
+    meta's `tokenizer` entry. `kind` None: detected from the files. Also used by stem-import."""
     from stem_megatron.data.tokenizer import detect_kind
 
     dst = os.path.join(ckpt_dir, fmt.TOKENIZER)
-    kind = cfg.data.tokenizer_type or detect_kind(src)
+    kind = kind or detect_kind(src)
     if os.path.isdir(src):
         shutil.copytree(src, dst)
         return {"kind": kind, "path": fmt.TOKENIZER}
