@@ -129,7 +129,7 @@ def _encoded(
         pending: deque = deque()
         try:
             for batch in batches:
-                pending.append(pool.submit(encode_in_worker, batch))
+                pending.append(_submit_sigint_blocked(pool, encode_in_worker, batch))
                 if len(pending) >= 2 * opts.workers:
                     yield pending.popleft().result()
             while pending:
@@ -137,6 +137,21 @@ def _encoded(
         finally:
             for future in pending:
                 future.cancel()
+
+
+def _submit_sigint_blocked(pool: ProcessPoolExecutor, fn, arg):
+    """`pool.submit` with SIGINT blocked in this thread.
+
+    The executor spawns its workers inside `submit`. A worker inherits the blocked mask (it survives
+    fork and exec), so a Ctrl-C sent to the process group while the worker's interpreter is still
+    importing cannot kill it with a traceback; `init_worker` then ignores SIGINT for good. Here, a
+    Ctrl-C that arrives meanwhile stays pending and is delivered when the mask is restored.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return pool.submit(fn, arg)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def preprocess(opts: PreprocessOptions, log=None) -> PreprocessSummary:
