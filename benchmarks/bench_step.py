@@ -25,26 +25,19 @@ import torch
 from benchmarks.bench_mlp import _zipf_ids
 from benchmarks.common import machine, print_json_line, write_section
 from stem_megatron.testing.distributed import run_distributed
+from stem_megatron.testing.models import TokenDataset
 
 CONFIGS = {"dense": "configs/dense_350m.yaml", "stem": "configs/stem_350m_third.yaml"}
 FULL_LAYERS = 32
 
 
-class ZipfTokens:
-    """Fixed Zipf-distributed token sequences in megatron GPTDataset's item format."""
+class ZipfTokens(TokenDataset):
+    """TokenDataset with Zipf-distributed ids (realistic unique-token fractions for the exchange)."""
 
     def __init__(self, n: int, seq: int, vocab: int, seed: int):
         gen = torch.Generator().manual_seed(seed)
         self.ids = _zipf_ids(n * (seq + 1), vocab, gen).view(n, seq + 1)
         self.seq = seq
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        ids = self.ids[i]
-        return {"tokens": ids[:-1], "labels": ids[1:], "loss_mask": torch.ones(self.seq),
-                "position_ids": torch.arange(self.seq)}
 
 
 def _measure(rank, world_size, path, overrides, steps):
