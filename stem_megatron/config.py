@@ -177,6 +177,9 @@ class ModelConfig:
     num_query_groups: int | None = None  # GQA: KV heads; None = one per attention head
     kv_channels: int | None = None  # head dim; None = hidden_size // num_attention_heads
     rotary_base: float = 10000.0  # RoPE theta
+    # Llama-3 RoPE scaling factor (low/high freq factors 1/4, original context 8192: megatron's
+    # fixed values); None = plain RoPE
+    rope_scaling_factor: float | None = None
     normalization: str = "RMSNorm"  # RMSNorm | LayerNorm
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = True  # share input embedding and output layer
@@ -201,6 +204,7 @@ class ModelConfig:
             "num_query_groups",
             "kv_channels",
             "rotary_base",
+            "rope_scaling_factor",
             "norm_epsilon",
             "init_method_std",
             "make_vocab_size_divisible_by",

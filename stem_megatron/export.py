@@ -115,6 +115,15 @@ def full_tables(ckpt: str, meta: dict) -> dict[int, torch.Tensor]:
     return {layer: reader.read_layer(layer, target, kinds=("weight",))[0]["weight"] for layer in reader.layers}
 
 
+def rope_parameters(theta: float, scaling_factor: float | None) -> dict:
+    """transformers 5's `rope_parameters`: plain RoPE, or Llama-3 scaling with megatron's fixed
+    low/high frequency factors (1, 4) and original context (8192)."""
+    if scaling_factor is None:
+        return {"rope_type": "default", "rope_theta": theta}
+    return {"rope_type": "llama3", "rope_theta": theta, "factor": scaling_factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
 def config_json(rc, seq_length: int) -> dict:
     """config.json's model fields for a `ReferenceConfig` (the inverse of `reference_config_of`).
 
@@ -134,7 +143,7 @@ def config_json(rc, seq_length: int) -> dict:
         "hidden_act": "silu",
         "rms_norm_eps": rc.norm_epsilon,
         "rope_theta": rc.rotary_base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": rc.rotary_base},
+        "rope_parameters": rope_parameters(rc.rotary_base, rc.rope_scaling_factor),
         "max_position_embeddings": seq_length,
         "tie_word_embeddings": rc.tie_embeddings,
         "attention_bias": False,
@@ -148,12 +157,14 @@ def reference_config_of(c: dict):
     """The `ReferenceConfig` an export's config.json fields describe (the inverse of `config_json`)."""
     from stem_megatron.reference import ReferenceConfig
 
+    rope = c.get("rope_parameters") or {}
     return ReferenceConfig(
         vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
         num_attention_heads=c["num_attention_heads"], num_query_groups=c["num_key_value_heads"],
         head_dim=c["head_dim"], ffn_hidden_size=c["intermediate_size"], stem_layers=list(c["stem_layers"]),
         table_vocab_size=c["stem_table_vocab_size"], rotary_base=c["rope_theta"], norm_epsilon=c["rms_norm_eps"],
         tie_embeddings=c["tie_word_embeddings"],
+        rope_scaling_factor=rope.get("factor") if rope.get("rope_type") == "llama3" else None,
     )
 
 
@@ -167,7 +178,7 @@ def hf_config(cfg, meta: dict, vocab_rows: int) -> dict:
         vocab_size=vocab_rows, table_vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads, num_query_groups=m.query_groups, head_dim=m.head_dim,
         ffn_hidden_size=m.ffn_hidden_size, stem_layers=cfg.stem_layers, rotary_base=m.rotary_base,
-        norm_epsilon=m.norm_epsilon, tie_embeddings=m.tie_embeddings,
+        rope_scaling_factor=m.rope_scaling_factor, norm_epsilon=m.norm_epsilon, tie_embeddings=m.tie_embeddings,
     )
     return config_json(rc, m.seq_length) | {
         "stem_megatron": {"step": meta["step"], "consumed_samples": meta["consumed_samples"],

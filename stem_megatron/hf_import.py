@@ -116,6 +116,30 @@ def _rope_scaling(c: dict) -> dict | None:
     return None if kind == "default" else (scaling or params)
 
 
+# megatron's Llama-3 RoPE scaling has fixed low/high frequency factors and original context
+LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192.0}
+
+
+def _check_rope_scaling(path, scaling: dict | None, factor: float | None) -> None:
+    """Raise HFImportError (one line) unless the checkpoint's RoPE scaling is the config's
+    `model.rope_scaling_factor` (None = plain RoPE; otherwise Llama-3 with megatron's fixed values)."""
+    if scaling is None:
+        if factor is not None:
+            raise HFImportError(f"{path}: plain RoPE, but the config has model.rope_scaling_factor={factor}")
+        return
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "llama3":
+        raise HFImportError(f"{path}: RoPE scaling {scaling} is not supported (plain RoPE or rope_type llama3 only)")
+    have = {key: scaling.get(key) for key in LLAMA3_FIXED}
+    if any(not isinstance(v, (int, float)) or float(v) != want for v, want in zip(have.values(), LLAMA3_FIXED.values())):
+        raise HFImportError(f"{path}: llama3 RoPE scaling with {have} is not supported (only low_freq_factor=1, "
+                            f"high_freq_factor=4, original_max_position_embeddings=8192)")
+    have_factor = scaling.get("factor")
+    if not isinstance(have_factor, (int, float)) or factor is None or float(have_factor) != float(factor):
+        raise HFImportError(f"{path}: llama3 RoPE scaling factor={have_factor}, "
+                            f"but the config has model.rope_scaling_factor={factor}")
+
+
 def check_compatible(hf: HFCheckpoint, cfg) -> None:
     """Raise HFImportError (one line) unless `hf` maps exactly onto the model of `cfg`."""
     c, m = hf.config, cfg.model
@@ -130,8 +154,7 @@ def check_compatible(hf: HFCheckpoint, cfg) -> None:
     for key, (have, want) in unsupported.items():
         if have != want:
             raise HFImportError(f"{hf.path}: {key}={have} is not supported (this model has {key}={want})")
-    if _rope_scaling(c) is not None:
-        raise HFImportError(f"{hf.path}: RoPE scaling {_rope_scaling(c)} is not supported (plain RoPE only)")
+    _check_rope_scaling(hf.path, _rope_scaling(c), m.rope_scaling_factor)
     window = c.get("sliding_window")
     if window is not None and window < m.seq_length:
         raise HFImportError(f"{hf.path}: sliding_window={window} < model.seq_length={m.seq_length} (full attention only)")

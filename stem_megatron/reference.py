@@ -16,6 +16,7 @@ Legend: b batch, s sequence, h hidden, n heads, g KV groups, d head dim, f ffn, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -35,8 +36,26 @@ class ReferenceConfig:
     stem_layers: list[int] = field(default_factory=list)
     table_vocab_size: int | None = None  # STEM table rows; None = vocab_size
     rotary_base: float = 10000.0
+    rope_scaling_factor: float | None = None  # Llama-3 RoPE scaling (low/high 1/4, context 8192); None = plain
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = True
+
+
+def rope_inv_freq(c: ReferenceConfig, device=None) -> torch.Tensor:
+    """RoPE inverse frequencies [d/2] (fp32), with Llama-3 scaling when `c.rope_scaling_factor` is set:
+    wavelengths above 8192 (original context / low factor 1) are slowed by the factor, those below
+    8192 / 4 (high factor) kept, and those between interpolated smoothly."""
+    d = c.head_dim
+    inv_freq = 1.0 / (c.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    factor = c.rope_scaling_factor
+    if factor is None:
+        return inv_freq
+    context, low, high = 8192.0, 1.0, 4.0
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((context / wavelen - low) / (high - low)).clamp(0.0, 1.0)  # 0 at the long end, 1 at the short
+    blended = (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelen > context / low, inv_freq / factor,
+                       torch.where(wavelen < context / high, inv_freq, blended))
 
 
 def _rotate_half(x):
@@ -136,8 +155,7 @@ class ReferenceStemLM(nn.Module):
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
 
     def _rope(self, s, device, dtype):
-        d = self.config.head_dim
-        inv_freq = 1.0 / (self.config.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+        inv_freq = rope_inv_freq(self.config, device)
         freqs_sd = torch.outer(torch.arange(s, dtype=torch.float32, device=device), inv_freq)
         emb_sd = torch.cat((freqs_sd, freqs_sd), dim=-1)
         return emb_sd.cos().to(dtype), emb_sd.sin().to(dtype)

@@ -56,6 +56,7 @@ def test_base_config_is_valid():
 BAD = [
     (["model.hidden_size=0"], "model.hidden_size=0", "must be positive"),
     (["model.num_layers=-2"], "model.num_layers=-2", "must be positive"),
+    (["model.rope_scaling_factor=0"], "model.rope_scaling_factor=0", "must be positive"),
     (["train.micro_batch_size=0"], "train.micro_batch_size=0", "must be positive"),
     (
         ["model.num_attention_heads=7", "model.num_query_groups=null"],

@@ -18,13 +18,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 STEM = [1, 2]
 
 
-def _tiny(tied, stem_layers=None, **layout):
+LLAMA3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+
+
+def _tiny(tied, stem_layers=None, rope_scaling_factor=None, rotary_base=None, **layout):
     from stem_megatron.testing.models import tiny_config
 
-    return tiny_config(stem_layers=stem_layers, tie_embeddings=tied, **layout)
+    cfg = tiny_config(stem_layers=stem_layers, tie_embeddings=tied, **layout)
+    cfg.model.rope_scaling_factor = rope_scaling_factor
+    cfg.model.rotary_base = rotary_base or cfg.model.rotary_base
+    return cfg
 
 
-def _hf_model(tied: bool, seed: int):
+def _hf_model(tied: bool, seed: int, rope_scaling: dict | None = None, rotary_base: float | None = None):
     """A transformers Llama of the tiny config's shape; norms random too (they matter in the formula)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -33,7 +40,8 @@ def _hf_model(tied: bool, seed: int):
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.query_groups, head_dim=m.head_dim, rms_norm_eps=m.norm_epsilon,
-        rope_theta=m.rotary_base, tie_word_embeddings=tied, max_position_embeddings=64,
+        rope_theta=rotary_base or m.rotary_base, tie_word_embeddings=tied,
+        max_position_embeddings=64 if rope_scaling is None else 16384, rope_scaling=rope_scaling,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
@@ -66,7 +74,7 @@ def _run_from_imports(rank, world_size, cases):
 
     out = {}
     for name, ckpt, tied, stem_layers, layout, steps in cases:
-        cfg = _tiny(tied, stem_layers, **layout)
+        cfg = _tiny(tied, stem_layers, **layout)  # layout: parallel sizes, and RoPE fields
         cfg.train.lr, cfg.train.warmup_steps, cfg.stem.lr = 3e-3, 1, 1e-2
         trainer = Trainer(cfg)
         trainer.checkpointer = Checkpointer(CheckpointConfig(load=ckpt))
@@ -199,7 +207,11 @@ def test_bad_inputs_give_one_line_and_write_nothing(imported, tmp_path, capsys):
     assert "intermediate_size=100" in case({"intermediate_size": 100})
     assert "no lm_head.weight" in case({"tie_word_embeddings": False}, cfg=_tiny(False))
     assert "tie_word_embeddings=True, but the config has model.tie_embeddings=False" in case(cfg=_tiny(False))
-    assert "RoPE scaling" in case({"rope_scaling": {"rope_type": "llama3", "factor": 32.0}})
+    assert "RoPE scaling" in case({"rope_scaling": {"rope_type": "yarn", "factor": 32.0}})
+    assert "llama3 RoPE scaling with" in case({"rope_scaling": {**LLAMA3, "high_freq_factor": 2.0}})
+    assert "factor=32.0, but the config has model.rope_scaling_factor=None" in case({"rope_scaling": LLAMA3})
+    assert "plain RoPE, but the config has model.rope_scaling_factor=8.0" in case(
+        cfg=_tiny(True, rope_scaling_factor=8.0))
     os.remove(bad / "model.safetensors")
     (bad / "config.json").write_text(json.dumps(config))
     assert _import(bad, _tiny(True), tmp_path / "out") == 2
@@ -221,3 +233,47 @@ def test_import_then_export_round_trips_to_transformers(imported, tmp_path):
         for batch, b in zip(make_batches(_tiny(False), 2, seed=5), want["untied"]):
             a = model(input_ids=batch["tokens"]).logits
             assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-6
+
+
+def test_llama3_rope_scaling_imports_and_exports_with_the_transformers_logits(tmp_path, capsys):
+    """Llama-3.x RoPE scaling (factor 32, theta 5e5: the low frequencies change even at short
+    lengths): the import at TP1 and its export give transformers' logits; without the factor in
+    the config the import is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from stem_megatron.export import main as export_main
+    from stem_megatron.export import reference_config_of
+    from stem_megatron.reference import ReferenceConfig, rope_inv_freq
+    from stem_megatron.testing.models import make_batches
+
+    theta, rope = 500000.0, dict(rope_scaling_factor=32.0, rotary_base=500000.0)
+    plain = ReferenceConfig(vocab_size=8, hidden_size=64, num_layers=1, num_attention_heads=4, num_query_groups=2,
+                            head_dim=16, ffn_hidden_size=8, rotary_base=theta)
+    scaled = ReferenceConfig(**{**plain.__dict__, "rope_scaling_factor": 32.0})
+    assert not torch.equal(rope_inv_freq(plain), rope_inv_freq(scaled))
+    model = _hf_model(True, seed=4, rope_scaling=LLAMA3, rotary_base=theta)
+    torch.testing.assert_close(rope_inv_freq(scaled), model.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
+    model.save_pretrained(tmp_path / "hf")
+    batches = make_batches(_tiny(True), 2, seed=5)
+    with torch.no_grad():
+        want = [model(input_ids=b["tokens"]).logits for b in batches]
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert _import(tmp_path / "hf", _tiny(True, rotary_base=theta), tmp_path / "refused") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "but the config has model.rope_scaling_factor=None" in err, err
+    assert _import(tmp_path / "hf", _tiny(True, **rope), tmp_path / "ck") == 0
+    got = run_distributed(_run_from_imports, world_size=1,
+                          args=([("scaled", str(tmp_path / "ck"), True, None, rope, 0)],), timeout=300)[0]
+    assert export_main(["--checkpoint", str(tmp_path / "ck"), "--output", str(tmp_path / "export")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), trust_remote_code=True).eval()
+    assert exported.config.rope_parameters["rope_type"] == "llama3"
+    export_config = json.loads((tmp_path / "export" / "config.json").read_text())
+    torch.testing.assert_close(rope_inv_freq(reference_config_of(export_config)), exported.model.rotary_emb.inv_freq,
+                               rtol=1e-6, atol=0)
+    for a, b, batch in zip(got["scaled"], want, batches):
+        a = torch.from_numpy(a)
+        assert a.shape == b.shape
+        assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
+        with torch.no_grad():
+            c = exported(input_ids=batch["tokens"]).logits
+        assert ((c - b).abs().max() / b.abs().max()).item() <= 1e-5

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stem_megatron.reference import ReferenceStemLM, _rotate_half
+from stem_megatron.reference import ReferenceStemLM, _rotate_half, rope_inv_freq
 
 
 class KVCache:
@@ -44,11 +44,7 @@ class KVModel(nn.Module):
         self.ref = ref
         self.stem_layers = list(ref.config.stem_layers)
         self.slot_of_layer = {layer: slot for slot, layer in enumerate(self.stem_layers)}
-        d = ref.config.head_dim
-        self.register_buffer(
-            "inv_freq", 1.0 / (ref.config.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)),
-            persistent=False,
-        )
+        self.register_buffer("inv_freq", rope_inv_freq(ref.config), persistent=False)
 
     def _rope(self, pos_bs: torch.Tensor, dtype):
         # The reference's formula (fp32 angles), at each token's own position.

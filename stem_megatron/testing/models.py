@@ -78,6 +78,7 @@ def reference_config(cfg: ExperimentConfig) -> ReferenceConfig:
         ffn_hidden_size=m.ffn_hidden_size,
         stem_layers=cfg.stem.stem_layer_indices(m.num_layers),
         rotary_base=m.rotary_base,
+        rope_scaling_factor=m.rope_scaling_factor,
         norm_epsilon=m.norm_epsilon,
         tie_embeddings=m.tie_embeddings,
     )
