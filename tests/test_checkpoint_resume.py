@@ -24,11 +24,7 @@ STEPS, INTERVAL = 8, 3
 def _run(rank, world_size, save, mode):
     from megatron.core import parallel_state
 
-    from stem_megatron.config import CheckpointConfig
-    from stem_megatron.testing.models import TokenDataset, reference_model, tiny_config
     from stem_megatron.training import checkpoint_format
-    from stem_megatron.training.checkpoint import Checkpointer
-    from stem_megatron.training.trainer import Trainer
 
     def die(*args, **kwargs):
         import multiprocessing
@@ -39,16 +35,7 @@ def _run(rank, world_size, save, mode):
         os.kill(os.getpid(), signal.SIGKILL)
 
     def trainer_for(save_dir):
-        cfg = tiny_config(deterministic=True)
-        cfg.train.lr, cfg.train.warmup_steps, cfg.train.train_steps = 3e-3, 2, STEPS
-        cfg.stem.lr = 1e-2
-        trainer = Trainer(cfg)
-        if save_dir:
-            trainer.checkpointer = Checkpointer(CheckpointConfig(save=save_dir, save_interval=INTERVAL, keep_last=2))
-        trainer.setup(datasets=(TokenDataset(64, cfg.model.seq_length, 60, seed=3), None))
-        if trainer.step == 0:
-            trainer.load_full_weights(reference_model(cfg, seed=0).state_dict())
-        return trainer
+        return _resumable_trainer(save_dir)
 
     def consume_rng():
         import random
@@ -166,22 +153,10 @@ def _run_layout(rank, world_size, save, layout, phase, ref_file):
 
     from megatron.core import parallel_state
 
-    from stem_megatron.config import CheckpointConfig
-    from stem_megatron.testing.models import TokenDataset, reference_model, tiny_config
     from stem_megatron.training.checkpoint import Checkpointer
-    from stem_megatron.training.trainer import Trainer
 
     def trainer_for(save_dir):
-        cfg = tiny_config(deterministic=True, **LAYOUTS[layout][1])
-        cfg.train.lr, cfg.train.warmup_steps, cfg.train.train_steps = 3e-3, 2, STEPS
-        cfg.stem.lr = 1e-2
-        trainer = Trainer(cfg)
-        if save_dir:
-            trainer.checkpointer = Checkpointer(CheckpointConfig(save=save_dir, save_interval=INTERVAL, keep_last=2))
-        trainer.setup(datasets=(TokenDataset(64, cfg.model.seq_length, 60, seed=3), None))
-        if trainer.step == 0:
-            trainer.load_full_weights(reference_model(cfg, seed=0).state_dict())
-        return trainer
+        return _resumable_trainer(save_dir, **LAYOUTS[layout][1])
 
     def train(trainer):
         losses = {}
@@ -235,3 +210,23 @@ def test_multi_rank_kill_during_save_resumes_every_step_bit_exactly(tmp_path, la
         for step, loss in losses.items():
             assert loss == ref[step], f"{layout} rank {rank} step {step}: resumed loss {loss!r} != uninterrupted {ref[step]!r}"
     assert sorted(os.listdir(save)) == ["latest", "step_00000003", "step_00000006"], sorted(os.listdir(save))
+
+
+def _resumable_trainer(save_dir, **layout):
+    """The tiny deterministic run every resume test repeats: fresh from fixed weights, or resumed
+    from `save_dir` when it holds a checkpoint (layout: tiny_config's parallel arguments)."""
+    from stem_megatron.config import CheckpointConfig
+    from stem_megatron.testing.models import TokenDataset, reference_model, tiny_config
+    from stem_megatron.training.checkpoint import Checkpointer
+    from stem_megatron.training.trainer import Trainer
+
+    cfg = tiny_config(deterministic=True, **layout)
+    cfg.train.lr, cfg.train.warmup_steps, cfg.train.train_steps = 3e-3, 2, STEPS
+    cfg.stem.lr = 1e-2
+    trainer = Trainer(cfg)
+    if save_dir:
+        trainer.checkpointer = Checkpointer(CheckpointConfig(save=save_dir, save_interval=INTERVAL, keep_last=2))
+    trainer.setup(datasets=(TokenDataset(64, cfg.model.seq_length, 60, seed=3), None))
+    if trainer.step == 0:
+        trainer.load_full_weights(reference_model(cfg, seed=0).state_dict())
+    return trainer
