@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stem_megatron.stem.host_store import HostRowStore
+from stem_megatron.stem.host_store import HostRowStore, RowTransfer
 
 
 def _rows(r=257, n_layers=3, f=16, seed=0):
@@ -59,3 +59,38 @@ def test_bad_ids_and_host_only_rows():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="must be in host memory"):
             HostRowStore(torch.zeros(2, 2, device="cuda"))
+
+
+def test_wait_orders_the_rows_on_the_callers_current_stream(monkeypatch):
+    """The CUDA stream protocol of wait(), with fake streams (runs on CPU; tests/test_gpu_streams.py
+    races it for real): the caller's current stream waits for the copy's event, and the rows (allocated
+    on the copy stream) are recorded as used on it, so their memory is not reused under its kernels.
+    On every call: a later wait() may come from another stream."""
+    from concurrent.futures import Future
+
+    calls = []
+
+    class FakeStream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_event(self, event):
+            calls.append(("wait_event", self.name, event))
+
+    class FakeRows:
+        device = torch.device("cuda", 0)
+
+        def record_stream(self, stream):
+            calls.append(("record_stream", stream.name))
+
+    current = {"stream": FakeStream("main")}
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current["stream"])
+    future, rows, retired = Future(), FakeRows(), []
+    future.set_result(rows)
+    transfer = RowTransfer(future, "copy-event", retired.append, seq=1)
+    assert transfer.wait() is rows
+    assert calls == [("wait_event", "main", "copy-event"), ("record_stream", "main")]
+    current["stream"], calls[:] = FakeStream("side"), []
+    assert transfer.wait() is rows
+    assert calls == [("wait_event", "side", "copy-event"), ("record_stream", "side")]
+    assert retired == [transfer]  # retired once

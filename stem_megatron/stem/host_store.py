@@ -10,7 +10,8 @@ A gather runs in two stages, each overlapping the caller's compute:
    thread runs while the main thread launches kernels;
 2. the staged rows are copied to the device on a side stream, and an event marks their arrival.
 `RowTransfer.wait()` joins the worker, makes the caller's current stream wait for the copy's
-event, and returns the rows. Staging buffers form a ring (`n_staging`, 2 = double buffering): a
+event, records the rows as used on that stream (their memory came from the copy stream's pool,
+so it must not return there while the caller's kernels still read it), and returns the rows. Staging buffers form a ring (`n_staging`, 2 = double buffering): a
 buffer is reused only after the copy that read it has completed, so a caller may keep at most
 `n_staging` transfers in flight before waiting on the oldest.
 
@@ -47,11 +48,16 @@ class RowTransfer:
 
     def wait(self) -> torch.Tensor:
         if self._rows is None:
-            rows_KD = self._future.result()  # re-raises a worker's exception in the caller
-            if self._event is not None:
-                torch.cuda.current_stream(rows_KD.device).wait_event(self._event)
-            self._rows = rows_KD
+            self._rows = self._future.result()  # re-raises a worker's exception in the caller
             self._on_done(self)
+        if self._event is not None:
+            # On every call: the caller's current stream may differ from an earlier call's.
+            stream = torch.cuda.current_stream(self._rows.device)
+            stream.wait_event(self._event)
+            # The rows were allocated on the copy stream. Without this, the caching allocator hands
+            # their memory to the next gather's copy as soon as the caller drops them, while kernels
+            # queued on the caller's stream may still read them.
+            self._rows.record_stream(stream)
         return self._rows
 
 
