@@ -11,6 +11,9 @@ Knowledge editing (stem_megatron/editing.py) reads the table at other ids than t
 the rows at the positions where the bool mask `[b, s]` is True by `rows_nf` (n = mask.sum(), in
 row-major order of the mask), after the lookup.
 
+`forward(ids, position_ids=...)` rotates each token at its own position `[b, s]` (default 0..s-1;
+document resets restart positions inside a packed sequence) with the causal mask unchanged.
+
 Legend: b batch, s sequence, h hidden, n heads, g KV groups, d head dim, f ffn, v vocabulary.
 """
 
@@ -154,14 +157,18 @@ class ReferenceStemLM(nn.Module):
         self.model = Backbone(c)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
 
-    def _rope(self, s, device, dtype):
+    def _rope(self, s, device, dtype, position_ids_bs=None):
+        """cos, sin [s, d] for positions 0..s-1, or [b, 1, s, d] (broadcast over heads) at `position_ids_bs`."""
         inv_freq = rope_inv_freq(self.config, device)
-        freqs_sd = torch.outer(torch.arange(s, dtype=torch.float32, device=device), inv_freq)
-        emb_sd = torch.cat((freqs_sd, freqs_sd), dim=-1)
-        return emb_sd.cos().to(dtype), emb_sd.sin().to(dtype)
+        if position_ids_bs is None:
+            freqs = torch.outer(torch.arange(s, dtype=torch.float32, device=device), inv_freq)
+        else:
+            freqs = (position_ids_bs.float()[..., None] * inv_freq)[:, None]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, ids_bs: torch.Tensor, stem_ids: torch.Tensor | None = None,
-                row_overrides: dict | None = None) -> torch.Tensor:
+                row_overrides: dict | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         stem_ids_bs = ids_bs if stem_ids is None else stem_ids
         if stem_ids_bs.shape != ids_bs.shape:
             raise ValueError(f"stem_ids {tuple(stem_ids_bs.shape)} must have the shape of ids {tuple(ids_bs.shape)}")
@@ -170,7 +177,9 @@ class ReferenceStemLM(nn.Module):
             raise ValueError(f"row_overrides for layers {sorted(set(overrides) - set(self.config.stem_layers))}, "
                              f"which are not STEM layers ({self.config.stem_layers})")
         x_bsh = self.model.embed_tokens(ids_bs)
-        cos_sd, sin_sd = self._rope(ids_bs.shape[1], ids_bs.device, x_bsh.dtype)
+        if position_ids is not None and position_ids.shape != ids_bs.shape:
+            raise ValueError(f"position_ids {tuple(position_ids.shape)} must have the shape of ids {tuple(ids_bs.shape)}")
+        cos_sd, sin_sd = self._rope(ids_bs.shape[1], ids_bs.device, x_bsh.dtype, position_ids)
         for i, layer in enumerate(self.model.layers):
             x_bsh = layer(x_bsh, stem_ids_bs, cos_sd, sin_sd, overrides.get(i))
         x_bsh = self.model.norm(x_bsh)
