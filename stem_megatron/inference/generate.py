@@ -71,6 +71,9 @@ class Generation:
     decode_tokens: int = 0
     decode_seconds: float = 0.0
     rows: dict = field(default_factory=dict)
+    # generate(keep_logits=True): the logits [b, v] each step sampled from (prefill's last position,
+    # then every decode step), on the CPU; empty otherwise. Not part of report() (the CLI's JSON).
+    logits: list[torch.Tensor] = field(default_factory=list)
 
     def report(self) -> dict:
         return {
@@ -166,7 +169,8 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling | None = None,
-                 stop_at_eod: bool = True) -> Generation:
+                 stop_at_eod: bool = True, keep_logits: bool = False) -> Generation:
+        """New tokens for each prompt; `keep_logits` also keeps every step's logits (Generation.logits)."""
         sampling = sampling or Sampling()
         self.check(prompts, max_new_tokens)
         b = len(prompts)
@@ -177,6 +181,8 @@ class Generator:
         _sync(self.device)
         t0 = time.perf_counter()
         logits_bv, pos_b = self.prefill(prompts, cache)
+        if keep_logits:
+            out.logits.append(logits_bv.detach().cpu())
         next_b = sample(logits_bv, self.vocab, sampling, gen)
         _sync(self.device)
         t1 = time.perf_counter()
@@ -195,6 +201,8 @@ class Generator:
             pos_b = pos_b + 1
             real_b1 = torch.ones(b, 1, dtype=torch.bool, device=self.device)
             logits_bv = self.model(ids_b1, pos_b[:, None], real_b1, cache, self._rows(self._fetch(ids_b1)))[:, -1]
+            if keep_logits:
+                out.logits.append(logits_bv.detach().cpu())
             next_b = sample(logits_bv, self.vocab, sampling, gen)
         _sync(self.device)
         out.decode_seconds = time.perf_counter() - t1
