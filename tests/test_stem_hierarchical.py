@@ -4,11 +4,15 @@
 micro-batch / step scope: rows bitwise equal to flat, table gradients and 3 training steps
 (RowSparseAdamW) equal to flat in fp32, bitwise in deterministic mode, with uneven unique counts
 and an empty micro-batch; inter-node bytes below flat on Zipf ids; `traffic_model` (the scale
-model) gives exactly the measured per-rank counters of every variant. TP=2 x DP=2 with
+model) gives exactly the measured per-rank counters of every variant, and both equal the bytes
+counted at the gloo calls themselves (`testing.wire_bytes`: the sizes of the tensors handed to
+all_to_all_single / all_gather), which share no code with the counters. TP=2 x DP=2 with
 megatron's groups: each shard group then has one rank per node.
 
 Legend: V vocab, L layers, F columns, N tokens.
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -116,9 +120,17 @@ VARIANTS = {  # name: (exchange, scope); "flat" is the reference
 }
 
 
-def _train_all(dp_rank, deterministic, **engine_kwargs):
-    """STEPS steps on every variant; checks each equals flat; returns step 0's byte counters."""
+def _train_all(dp_rank, deterministic, wire=None, **engine_kwargs):
+    """STEPS steps on every variant; checks each equals flat; returns step 0's byte counters.
+
+    `wire` (a WireBytes): step 0's collectives of variant x are counted under (x, "lookup"/"reduce").
+    """
     engines = {x: _engine(ex, deterministic, **engine_kwargs) for x, (ex, _) in VARIANTS.items()}
+
+    def counted(x, phase, fn, *args):
+        with wire.label((x, phase)) if wire is not None and step == 0 else contextlib.nullcontext():
+            return fn(*args)
+
     opts = {x: RowSparseAdamW([e], weight_decay=0.1) for x, e in engines.items()}
     ref = engines["flat"]
     cols = slice(ref.layout.col_start, ref.layout.col_start + ref.layout.cols_local)
@@ -126,10 +138,12 @@ def _train_all(dp_rank, deterministic, **engine_kwargs):
     counters = {}
     for step in range(STEPS):
         batches = _zipf_batches(step, dp_rank)
-        handles = {x: e.prefetch_step(batches) for x, e in engines.items() if VARIANTS[x][1] == "step"}
+        handles = {x: counted(x, "lookup", e.prefetch_step, batches) for x, e in engines.items()
+                   if VARIANTS[x][1] == "step"}
         lookups = {x: [] for x in engines}
         for i, ids in enumerate(batches):
-            lk = {x: handles[x][i].wait() if x in handles else e.lookup(ids) for x, e in engines.items()}
+            lk = {x: handles[x][i].wait() if x in handles else counted(x, "lookup", e.lookup, ids)
+                  for x, e in engines.items()}
             for x in engines:
                 for s in range(len(LAYERS)):  # rows: bitwise the same while the weights are
                     a, b = lk["flat"].gather(s), lk[x].gather(s)
@@ -139,8 +153,8 @@ def _train_all(dp_rank, deterministic, **engine_kwargs):
                         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
                 toy_loss(lk[x].gather, w_LF).backward()
                 lookups[x].append(lk[x].stats)
-        for e in engines.values():
-            e.reduce_grads()
+        for x, e in engines.items():
+            counted(x, "reduce", e.reduce_grads)
         for x, e in engines.items():
             assert torch.equal(ref.grad_index, e.grad_index), x
             if deterministic:
@@ -168,9 +182,14 @@ def _train_all(dp_rank, deterministic, **engine_kwargs):
 
 
 def _world4_two_nodes(rank, world_size):
+    from stem_megatron.testing.wire_bytes import WireBytes
+
     out = {}
-    for deterministic in (False, True):
-        out[deterministic] = _train_all(rank, deterministic)
+    out[False] = _train_all(rank, False)
+    with WireBytes(node_of=lambda r: r // 2) as wire:  # shard rank = global rank; 2 ranks per node
+        out[True] = _train_all(rank, True, wire=wire)
+    out["wire"] = {x: {phase: wire.totals[(x, phase)] for phase in ("lookup", "reduce")} for x in VARIANTS}
+    out["uncounted"] = wire.uncounted
     # a bad id on rank 3: every rank raises the same one-line error before any variable-size collective
     engine = _engine("hierarchical", False)
     try:
@@ -192,6 +211,8 @@ def test_hierarchical_equals_flat_2x2_and_counters_match_the_scale_model():
         for r in range(4):
             measured = results[r][True][variant]
             assert measured == results[r][False][variant]
+            assert not results[r]["uncounted"], results[r]["uncounted"]
+            assert measured == results[r]["wire"][variant], (variant, r)  # counters = bytes at the gloo calls
             for k in KEYS:
                 assert model[r][f"lookup_{k}"] == measured["lookup"][k], (variant, r, k)
                 assert model[r][f"reduce_{k}"] == measured["reduce"][k], (variant, r, k)

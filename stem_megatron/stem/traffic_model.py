@@ -5,7 +5,9 @@ Given every rank's token ids, this runs the routing functions the engine runs
 all ranks at once, hands each rank's per-peer counts to the engine's own counter functions
 (`flat_lookup_traffic`, `lookup_traffic_hierarchical`, ...), and returns, per rank, the dict
 the engine's `stats` would hold. tests/test_stem_hierarchical.py checks it against the
-counters measured in gloo runs; `benchmarks.scale_model` runs it up to 1,024 ranks.
+counters measured in gloo runs, and those against the bytes counted at the gloo calls
+(testing/wire_bytes.py, which shares no code with these counters); `benchmarks.scale_model`
+runs it up to 1,024 ranks.
 
 Scopes: `microbatch` (one exchange per micro-batch, as the engine does) or `step` (one exchange
 of the union of a step's micro-batches). Gradients reduce once per step either way, over each
