@@ -10,8 +10,9 @@ micro-batch and step scope. The numbers come from `stem_megatron.stem.traffic_mo
 runs the engine's own routing functions and counters for every rank (no formula of its own).
 
 Check: 4 gloo ranks as 2 nodes x 2 run the engine on the same kind of windows (T = 4k, 16k):
-their measured per-rank counters must equal the model's exactly (the run fails otherwise),
-and their step times are reported (gloo on loopback: nodes are simulated, so times show the
+their measured per-rank counters must equal the model's exactly, and the bytes counted at the
+gloo calls themselves (`testing/wire_bytes.py`, independent of the counters; the run fails
+otherwise), and their step times are reported (gloo on loopback: nodes are simulated, so times show the
 cost of the extra phases, not the saving on a real network).
 
 Writes docs/scale_model.png and its section of docs/benchmarks.md; ends with one JSON line.
@@ -79,25 +80,29 @@ def model_bytes(batches, nodes: int, ranks_per_node: int, sample: int, row_bytes
 # ------------------------------------------------------------------------ gloo check at 2 x 2
 def _gloo_worker(rank, world_size, batches, layers, ffn, reps):
     from stem_megatron.stem.engine import StemTableEngine
+    from stem_megatron.testing.wire_bytes import WireBytes
 
     out = {}
+    wire = WireBytes(node_of=lambda r: r // 2)  # the first rep's bytes at the gloo calls themselves
     for name, (exchange, scope) in VARIANTS.items():
         engine = StemTableEngine(
             vocab_size=50257, layer_ids=list(range(layers)), ffn_hidden_size=ffn, shard_group=dist.group.WORLD,
             compute_dtype=torch.bfloat16, exchange=exchange, ranks_per_node=2,
         )
         times = []
-        for _ in range(reps):
+        for rep in range(reps):
             dist.barrier()
             t0 = time.perf_counter()
             mbs = batches[rank]
-            handles = engine.prefetch_step(mbs) if scope == "step" else None
-            stats = []
-            for i, ids in enumerate(mbs):
-                lk = handles[i].wait() if handles else engine.lookup(ids)
-                sum(lk.gather(s).float().sum() for s in range(layers)).backward()
-                stats.append(lk.stats)
-            engine.reduce_grads()
+            with wire, wire.label((name, "lookup") if rep == 0 else None):
+                handles = engine.prefetch_step(mbs) if scope == "step" else None
+                stats = []
+                for i, ids in enumerate(mbs):
+                    lk = handles[i].wait() if handles else engine.lookup(ids)
+                    sum(lk.gather(s).float().sum() for s in range(layers)).backward()
+                    stats.append(lk.stats)
+                with wire.label((name, "reduce") if rep == 0 else None):
+                    engine.reduce_grads()
             times.append(time.perf_counter() - t0)
             engine.zero_grad()
         per_exchange = stats[:1] if scope == "step" else stats
@@ -105,12 +110,16 @@ def _gloo_worker(rank, world_size, batches, layers, ffn, reps):
             "lookup": {k: sum(s[f"bytes_{k}"] for s in per_exchange) for k in KEYS},
             "reduce": {k: engine.stats[f"reduce_bytes_{k}"] for k in KEYS},
             "seconds": times,
+            "wire": {part: wire.totals[(name, part)] for part in ("lookup", "reduce")},
         }
+    if wire.uncounted:
+        raise RuntimeError(f"collectives WireBytes does not count: {wire.uncounted}")
     return out
 
 
 def gloo_check(stream, tokens, micro_batches, layers, ffn, reps, seed) -> dict:
-    """Measured counters at 4 ranks (2 x 2) == the model's, per rank and key; median step times."""
+    """Measured counters at 4 ranks (2 x 2) == the model's == the bytes at the gloo calls, per rank
+    and key; median step times."""
     batches = windows(stream, 4, micro_batches, tokens, seed)
     measured = run_distributed(_gloo_worker, world_size=4, args=(batches, layers, ffn, reps), timeout=900)
     nm = NodeMap(4, 2)
@@ -124,6 +133,9 @@ def gloo_check(stream, tokens, micro_batches, layers, ffn, reps, seed) -> dict:
                     got, want = measured[r][name][part][k], model[r][f"{part}_{k}"]
                     if got != want:
                         raise SystemExit(f"scale model != measured: {name} rank {r} {part} {k}: {want} vs {got}")
+                    if got != measured[r][name]["wire"][part][k]:
+                        raise SystemExit(f"measured != bytes at the gloo calls: {name} rank {r} {part} {k}: "
+                                         f"{got} vs {measured[r][name]['wire'][part][k]}")
         step_s = [max(measured[r][name]["seconds"][i] for r in range(4)) for i in range(reps)]
         inter = sum(measured[r][name][p]["sent_inter"] for r in range(4) for p in ("lookup", "reduce")) / 4
         result[name] = {"ms": 1000 * statistics.median(step_s), "inter": inter}
