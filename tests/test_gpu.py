@@ -99,34 +99,13 @@ def test_deterministic_engine_is_bitwise_reproducible_on_cuda():
     assert torch.equal(i1, i2) and torch.equal(v1, v2)
 
 
-def _train(rank, world_size, precision, steps):
-    from stem_megatron.testing.models import TokenDataset, reference_model, tiny_config
-    from stem_megatron.training.trainer import Trainer
-
-    _no_tf32()
-    cfg = tiny_config()
-    cfg.train.precision, cfg.train.train_steps, cfg.train.warmup_steps = precision, steps, 1
-    cfg.train.lr, cfg.stem.lr = 3e-3, 1e-2
-    trainer = Trainer(cfg)
-    trainer.setup(datasets=(TokenDataset(64, cfg.model.seq_length, 60, seed=3), None))
-    # The same weights for both precisions, realistically scaled (embeddings and tables std 0.02).
-    state = {k: v * 0.02 if "embed" in k or "stem_table" in k else v
-             for k, v in reference_model(cfg, seed=0).state_dict().items()}
-    trainer.load_full_weights(state)
-    losses = [trainer.train_step().loss for _ in range(steps)]
-    dtypes = sorted({str(p.dtype) for c in trainer.chunks for p in c.parameters()})
-    devices = sorted({p.device.type for c in trainer.chunks for p in c.parameters()} | {trainer.engines[0].weight.device.type})
-    return losses, dtypes, str(trainer.engines[0].weight.dtype), devices
-
-
 def test_bf16_training_on_cuda_tracks_fp32():
     """Same weights and data: bf16 (Float16Module, megatron's bf16 optimizer, bf16 rows) follows the
-    fp32 run step by step and reduces the loss; tables keep fp32 masters."""
+    fp32 run step by step and reduces the loss; tables keep fp32 masters and fp32 row gradients.
+    The same helper runs on CPU in tests/test_training_precision.py (with its tighter CPU bound)."""
+    from stem_megatron.testing.precision import assert_bf16_tracks_fp32, train_run
+
     steps = 8
-    fp32 = run_distributed(_train, world_size=1, args=("fp32", steps), backend="nccl", timeout=400)[0]
-    bf16 = run_distributed(_train, world_size=1, args=("bf16", steps), backend="nccl", timeout=400)[0]
-    assert fp32[3] == bf16[3] == ["cuda"]
-    assert fp32[1] == ["torch.float32"] and bf16[1] == ["torch.bfloat16"] and bf16[2] == "torch.float32"
-    assert bf16[0][-1] < bf16[0][0] - 0.05, bf16[0]
-    for step, (a, b) in enumerate(zip(bf16[0], fp32[0])):
-        assert abs(a - b) < 0.01 * b, f"step {step + 1}: bf16 loss {a} vs fp32 {b}"
+    fp32 = run_distributed(train_run, world_size=1, args=("fp32", steps), backend="nccl", timeout=400)[0]
+    bf16 = run_distributed(train_run, world_size=1, args=("bf16", steps), backend="nccl", timeout=400)[0]
+    assert_bf16_tracks_fp32(fp32, bf16, "cuda", rtol=0.01)
