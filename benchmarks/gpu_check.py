@@ -6,7 +6,8 @@ Stages, each a child process of this same interpreter (`sys.executable`: no virt
 is assumed; the machine needs what `pip install -e '.[dev]'` installs, torch with CUDA, and
 megatron-core) with its own timeout inside the overall budget:
 1. `pytest -m gpu tests`: the CUDA model against the reference, the table engine on CUDA, bf16
-   training against fp32 (tests/test_gpu.py);
+   training against fp32 (tests/test_gpu.py); the host row store's stream ordering raced with
+   slow kernels (tests/test_gpu_streams.py);
 2. `benchmarks.bench_mlp --device cuda --dtype bf16`: STEM MLP vs dense MLP;
 3. `benchmarks.bench_step`: STEM vs dense training step time and MFU at the 350M shape, layers
    reduced (the reduction is in its output);
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     xml_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu_check_{os.getpid()}.xml"
     stages = [  # (name, argv, share of the budget)
         ("gpu_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-rs",
-                       f"--junitxml={xml_path}", "tests/test_gpu.py"], 0.40),
+                       f"--junitxml={xml_path}", "tests/test_gpu.py", "tests/test_gpu_streams.py"], 0.40),
         ("mlp_bf16", [py, "-m", "benchmarks.bench_mlp", "--device", "cuda", "--dtype", "bf16", *write], 0.12),
         ("step_350m", [py, "-m", "benchmarks.bench_step", "--timeout", "150", *write], 0.33),
     ]
