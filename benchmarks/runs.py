@@ -1,4 +1,4 @@
-"""Run `stem_megatron.train` through launch/torchrun.sh and read back its summary JSON."""
+"""Run `stem_megatron.cli.train` through launch/torchrun.sh and read back its summary JSON."""
 
 from __future__ import annotations
 

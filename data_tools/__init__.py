@@ -1,6 +1,6 @@
-"""Data preparation entry points (scripts, not library): tokenizer training, preprocessing, sample corpus.
+"""Data preparation library: preprocessing, merging partitions, tokenizer training, the sample corpus.
 
-`stem-preprocess` (`data_tools.preprocess`), `stem-train-tokenizer` (`data_tools.train_tokenizer`)
-and `stem-sample-data` (`data_tools.sample_corpus`). These import `stem_megatron`; the library
-never imports them.
+The commands (`stem-preprocess`, `stem-merge`, `stem-train-tokenizer`, `stem-sample-data`) live in
+`stem_megatron.cli`, the only part of `stem_megatron` that imports this package; `data_tools` uses
+the `stem_megatron` library (tokenizers, errors) and never `stem_megatron.cli`.
 """

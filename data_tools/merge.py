@@ -16,18 +16,15 @@ Exit status: 0 on success, 1 on an error (one line on stderr), 2 on bad argument
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import struct
-import sys
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from data_tools.writer import PARTIAL, _remove_default_cache
-from stem_megatron import cli
 
 with warnings.catch_warnings():  # megatron.core's import warns about missing TE/apex: irrelevant here
     warnings.simplefilter("ignore")
@@ -143,36 +140,3 @@ def merge(inputs: list[str], output_prefix: str) -> tuple[int, int]:
             if os.path.exists(partial):
                 os.remove(partial)
     return documents - 1, tokens
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0].split(": ", 1)[1])
-    p.add_argument(
-        "--input",
-        nargs="+",
-        action="extend",
-        required=True,
-        metavar="PREFIX",
-        help="dataset prefixes (PREFIX.bin + PREFIX.idx), concatenated in the order given",
-    )
-    p.add_argument("--output-prefix", required=True, metavar="P", help="writes P.bin and P.idx")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cli.quiet_known_warnings()
-
-    def body() -> int:
-        documents, tokens = merge(args.input, args.output_prefix)
-        print(
-            f"wrote {args.output_prefix}.{{bin,idx}}: {documents:,} documents, {tokens:,} tokens "
-            f"from {len(args.input)} inputs"
-        )
-        return 0
-
-    return cli.run(PROG, body, errors=((MergeError, 1, "error: "), (OSError, 1, "error: ")))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,7 +22,7 @@
 #   SIGNALS           signals torchrun catches and forwards to its workers [SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1]
 #   SHUTDOWN_TIMEOUT  seconds torchrun waits for workers after forwarding a signal, then SIGKILL [240]
 #   LOG_DIR           if set, stdout+stderr are also appended to $LOG_DIR/node$NODE_RANK.log
-#   STEM_ENTRY_MODULE module the workers run [stem_megatron.train]; for tests and custom entry points
+#   STEM_ENTRY_MODULE module the workers run [stem_megatron.cli.train]; for tests and custom entry points
 #   DRY_RUN=1         print the command (one shell-quoted line) and exit 0 without running it
 set -euo pipefail
 
@@ -109,7 +109,7 @@ if [[ -z ${OMP_NUM_THREADS:-} ]]; then
     OMP_NUM_THREADS=$(($(nproc 2>/dev/null || echo 1) / NPROC_PER_NODE))
     [[ $OMP_NUM_THREADS -ge 1 ]] || OMP_NUM_THREADS=1
 fi
-# The package is used from the checkout, not installed: make `-m stem_megatron.train` importable.
+# The package is used from the checkout, not installed: make `-m stem_megatron.cli.train` importable.
 PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS PYTHONPATH
 
@@ -126,7 +126,7 @@ CMD=("$PYTHON" -m torch.distributed.run
     --nproc-per-node="$NPROC_PER_NODE"
     --signals-to-handle="$SIGNALS"
     --shutdown-timeout="$SHUTDOWN_TIMEOUT"
-    -m "${STEM_ENTRY_MODULE:-stem_megatron.train}"
+    -m "${STEM_ENTRY_MODULE:-stem_megatron.cli.train}"
     --config "$CONFIG" "$@")
 
 if [[ ${DRY_RUN:-0} != 0 ]]; then

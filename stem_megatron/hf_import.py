@@ -28,11 +28,9 @@ Legend: V vocabulary, F ffn, h hidden, r a block of rows.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import time
 
 import torch
@@ -366,35 +364,3 @@ def import_hf(hf_dir: str, cfg, output: str, table_init: str = "up_proj") -> str
         if created:
             shutil.rmtree(output, ignore_errors=True)
         raise
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="stem-import", description=__doc__.split("\n")[0])
-    ap.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + safetensors)")
-    ap.add_argument("--config", required=True, help="the experiment config the checkpoint is for")
-    ap.add_argument("--output", required=True, help="save directory to create (step_00000000 + latest)")
-    ap.add_argument("--table-init", choices=("up_proj", "random"), default="up_proj",
-                    help="STEM tables: W_up . RMSNorm(emb) [up_proj], or the config's random init")
-    ap.add_argument("overrides", nargs="*", help="config overrides section.key=value")
-    args = ap.parse_args(argv)
-    from stem_megatron import cli
-    from stem_megatron.config import ConfigError, load_config
-
-    cli.quiet_known_warnings()
-
-    def body() -> int:
-        t0 = time.perf_counter()
-        cfg = load_config(args.config, args.overrides)
-        out = import_hf(args.hf, cfg, args.output, args.table_init)
-        layers = cfg.stem_layers
-        print(f"stem-import: wrote {out} ({cfg.model.num_layers} layers, STEM layers {layers or 'none'}"
-              + (f", tables by {args.table_init}" if layers else "") + f"; {time.perf_counter() - t0:.1f} s)")
-        return 0
-
-    return cli.run("stem-import", body,
-                   errors=((ConfigError, 2, ""), (HFImportError, 2, ""), (FileNotFoundError, 2, "")),
-                   interrupted_note="nothing written (import_hf removes its partial output)")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -51,7 +51,7 @@ def setup(tmp_path_factory):
 
 
 def _analyze(capsys, *args):
-    from stem_megatron.analyze_cli import main
+    from stem_megatron.cli.analyze import main
 
     try:
         rc = main(list(args))
@@ -120,7 +120,7 @@ def docs_first(docs, token):
 
 
 def test_checkpoint_loads_as_its_export(setup, tmp_path):
-    from stem_megatron.export import main as export_main
+    from stem_megatron.cli.export import main as export_main
     from stem_megatron.inference.loading import load_model
 
     root = setup

@@ -69,7 +69,7 @@ def _env():
 
 
 def _cmd(*args):
-    return [sys.executable, "-m", "stem_megatron.train", "--config", "tiny.yaml", *map(str, args)]
+    return [sys.executable, "-m", "stem_megatron.cli.train", "--config", "tiny.yaml", *map(str, args)]
 
 
 def _train(workdir, *args):

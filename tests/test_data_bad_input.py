@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fixtures.tiny_tokenizers import make_tiktoken
 
-from data_tools import preprocess
+from stem_megatron.cli import preprocess
 
 with warnings.catch_warnings():  # megatron.core warns about missing TE/apex on import
     warnings.simplefilter("ignore")
@@ -163,7 +163,7 @@ def _start(src: Path, prefix: Path, tokenizer: str) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
-        "data_tools.preprocess",
+        "stem_megatron.cli.preprocess",
         "--input",
         str(src),
         "--output-prefix",

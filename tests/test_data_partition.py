@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from fixtures.tiny_tokenizers import DOCUMENTS, make_tiktoken
 
-from data_tools import merge, preprocess
+from data_tools import merge
 from data_tools.inputs import InputError, iter_records, resolve_inputs
 from data_tools.partition import iter_partition_records, parse_partition
+from stem_megatron.cli import merge as merge_cli
+from stem_megatron.cli import preprocess as preprocess_cli
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -74,7 +76,7 @@ def _preprocess(corpus, prefix, tokenizer, text_split, partition=None):
     args += ["--append-eod", "--text-split", text_split, "--quiet"]
     if partition:
         args += ["--partition", partition]
-    assert preprocess.main(args) == 0
+    assert preprocess_cli.main(args) == 0
 
 
 @pytest.mark.parametrize("text_split", ["file", "blank-lines"])
@@ -88,7 +90,7 @@ def test_partitions_merged_are_byte_identical_to_one_run(tmp_path, corpus, text_
             _preprocess(corpus, tmp_path / f"n{count}" / f"p{i}", tokenizer, text_split, f"{i}/{count}")
             prefixes.append(str(tmp_path / f"n{count}" / f"p{i}_text_document"))
         out = tmp_path / f"merged{count}"
-        assert merge.main(["--input", *prefixes, "--output-prefix", str(out)]) == 0
+        assert merge_cli.main(["--input", *prefixes, "--output-prefix", str(out)]) == 0
         for ext in ("bin", "idx"):
             assert (tmp_path / f"merged{count}.{ext}").read_bytes() == expected[ext], f"N={count} .{ext}"
 
@@ -127,7 +129,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, corpus):
         ([a, b], "different token dtypes"),
     ]
     for inputs, message in cases:
-        assert merge.main(["--input", *inputs, "--output-prefix", str(tmp_path / "o")]) == 1
+        assert merge_cli.main(["--input", *inputs, "--output-prefix", str(tmp_path / "o")]) == 1
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
     assert not list(tmp_path.glob("o.*"))
@@ -135,7 +137,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, corpus):
         with pytest.raises(InputError):
             parse_partition(bad)
     args = ["--input", str(corpus), "--output-prefix", str(tmp_path / "x"), "--tokenizer", "t", "--partition", "2/2"]
-    assert preprocess.main(args) == 2
+    assert preprocess_cli.main(args) == 2
     err = capsys.readouterr().err
     assert "--partition 2/2" in err and err.count("\n") == 1
 
@@ -157,7 +159,7 @@ def test_preprocess_sbatch_dry_run(tmp_path):
     part = run(STAGE="partition", SLURM_ARRAY_TASK_ID="1")
     assert f"--output-prefix {tmp_path}/c.parts/part1 " in part and "--partition 1/3 --quiet --append-eod" in part
     merge_cmd = run(STAGE="merge")
-    assert "data_tools.merge --input " + " ".join(f"{tmp_path}/c.parts/part{i}_text_document" for i in range(3)) in merge_cmd
+    assert "stem_megatron.cli.merge --input " + " ".join(f"{tmp_path}/c.parts/part{i}_text_document" for i in range(3)) in merge_cmd
     assert f"--output-prefix {tmp_path}/c_text_document" in merge_cmd
     bad = subprocess.run(["bash", script], env=dict(env, PARTS="0"), capture_output=True, text=True)
     assert bad.returncode == 2 and "PARTS must be a positive integer" in bad.stderr

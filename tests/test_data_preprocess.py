@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fixtures.tiny_tokenizers import DOCUMENTS, make_tokenizers, write_tiktoken
 
-from data_tools import preprocess
+from stem_megatron.cli import preprocess
 from stem_megatron.data.tokenizer import load_tokenizer
 
 with warnings.catch_warnings():  # megatron.core warns about missing TE/apex on import

@@ -118,7 +118,7 @@ def test_is_built_checks_manifest_settings_and_file_digests(tmp_path):
 @pytest.mark.slow
 def test_sample_data_command_fetches_splits_and_tokenizes(tmp_path):
     out = tmp_path / "sample"
-    cmd = [sys.executable, "-m", "data_tools.sample_corpus", "--output-dir", str(out)]
+    cmd = [sys.executable, "-m", "stem_megatron.cli.sample_data", "--output-dir", str(out)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     subprocess.run(cmd, check=True, env=env, cwd=tmp_path, timeout=600)
     manifest = json.loads((out / "MANIFEST.json").read_text())

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from fixtures.tiny_tokenizers import DOCUMENTS, make_tokenizers, write_tiktoken
 
-from data_tools import train_tokenizer
+from stem_megatron.cli import train_tokenizer
 from stem_megatron.data.tokenizer import EOD_TOKEN, NO_PAD, TokenizerError, detect_kind, load_tokenizer
 
 KINDS = ("huggingface", "tiktoken", "sentencepiece", "gpt2")

@@ -56,7 +56,7 @@ def test_fact_test_other_seeds(tmp_path, seed):
 
 
 def _edit(capsys, *args):
-    from stem_megatron.edit_cli import main
+    from stem_megatron.cli.edit import main
 
     try:
         rc = main(list(args))

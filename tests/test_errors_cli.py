@@ -4,9 +4,12 @@ stderr, no traceback: each tool's work function is replaced by one that raises K
 
 import pytest
 
-from data_tools import merge, sample_corpus, train_tokenizer
-from stem_megatron import analyze_cli, config, edit_cli, hf_import
-from stem_megatron.inference import eval_cli, generate
+from stem_megatron import config
+from stem_megatron.cli import analyze as analyze_cli
+from stem_megatron.cli import edit as edit_cli
+from stem_megatron.cli import eval as eval_cli
+from stem_megatron.cli import generate, merge, sample_data, train_tokenizer
+from stem_megatron.cli import import_hf as hf_import
 
 
 def _interrupt(*args, **kwargs):
@@ -23,7 +26,7 @@ CASES = [  # (prog, module, work function replaced, argv)
     ("stem-import", hf_import, "import_hf", ["--hf", "h", "--config", "c.yaml", "--output", "o"]),
     ("stem-merge", merge, "merge", ["--input", "a", "--output-prefix", "o"]),
     ("stem-train-tokenizer", train_tokenizer, "resolve_inputs", ["--input", "c", "--vocab-size", "300", "--output", "o"]),
-    ("stem-sample-data", sample_corpus, "build_sample", []),
+    ("stem-sample-data", sample_data, "build_sample", []),
 ]
 
 

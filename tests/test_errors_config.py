@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from stem_megatron.train import main
+from stem_megatron.cli.train import main
 
 CONFIG = """\
 model: {num_layers: 2, hidden_size: 32, num_attention_heads: 2, ffn_hidden_size: 64, vocab_size: 270,

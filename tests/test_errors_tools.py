@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fixtures.tiny_tokenizers import make_tiktoken, write_tiktoken
 
-from data_tools import preprocess
+from stem_megatron.cli import preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = b'{"text": "a good document"}\n'
@@ -87,7 +87,7 @@ def test_preprocess_ctrl_c_is_one_line_and_removes_partial_files(tmp_path, tok):
     big.write_bytes((json.dumps({"text": "the theory of everything " * 40}) + "\n").encode() * 40_000)
     prefix = tmp_path / "out"
     partial = Path(f"{prefix}_text_document.bin.partial")
-    proc = subprocess.Popen([sys.executable, "-m", "data_tools.preprocess", "--input", str(big), "--output-prefix",
+    proc = subprocess.Popen([sys.executable, "-m", "stem_megatron.cli.preprocess", "--input", str(big), "--output-prefix",
                              str(prefix), "--tokenizer", tok, "--quiet", "--workers", "2"], env=_env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -133,7 +133,7 @@ def _tree(path):
 
 # ------------------------------------------------------------------ 12. stem-reshard
 def test_reshard_never_replaces_a_checkpoint_silently(ckpt, tmp_path, capsys):
-    from stem_megatron.reshard import main
+    from stem_megatron.cli.reshard import main
 
     before = _tree(ckpt)
     link = tmp_path / "link"
@@ -163,7 +163,7 @@ def test_reshard_never_replaces_a_checkpoint_silently(ckpt, tmp_path, capsys):
 
 @pytest.mark.parametrize("tool", ["stem-reshard", "stem-export"])
 def test_file_outputs_are_one_line_from_both_tools(ckpt, tmp_path, capsys, tool):
-    from stem_megatron import export, reshard
+    from stem_megatron.cli import export, reshard
 
     blocker = tmp_path / "a_file"
     blocker.write_text("keep")
@@ -180,13 +180,14 @@ def test_file_outputs_are_one_line_from_both_tools(ckpt, tmp_path, capsys, tool)
 
 def test_reshard_ctrl_c_is_one_line_and_publishes_nothing(ckpt, tmp_path, capsys, monkeypatch):
     from stem_megatron import reshard
+    from stem_megatron.cli import reshard as reshard_cli
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # where a Ctrl-C lands during the long part: writing the tables
 
     monkeypatch.setattr(reshard, "write_tables", interrupted)
     out = tmp_path / "out"
-    assert reshard.main(["--input", str(ckpt), "--output", str(out), "--world-size", "1"]) == 130
+    assert reshard_cli.main(["--input", str(ckpt), "--output", str(out), "--world-size", "1"]) == 130
     assert _one_line(capsys, "stem-reshard").startswith("stem-reshard: interrupted (SIGINT)")
     assert not (out / "latest").exists() and not (out / "step_00000001").exists()
 
@@ -195,6 +196,7 @@ def test_reshard_ctrl_c_is_one_line_and_publishes_nothing(ckpt, tmp_path, capsys
 @pytest.mark.parametrize("case", ["missing", "bigger vocabulary", "other vocabulary"])
 def test_export_checks_the_tokenizer_before_loading(ckpt, tmp_path, capsys, monkeypatch, case):
     from stem_megatron import export
+    from stem_megatron.cli import export as export_cli
 
     def no_loading(*args, **kwargs):
         raise AssertionError("loaded the checkpoint before checking the arguments")
@@ -208,13 +210,13 @@ def test_export_checks_the_tokenizer_before_loading(ckpt, tmp_path, capsys, monk
                              "has 258 tokens; the checkpoint was trained with a tokenizer of 270"),
     }[case]
     out = tmp_path / "out"
-    assert export.main(["--checkpoint", str(ckpt), "--output", str(out), "--tokenizer", tokenizer]) == 2
+    assert export_cli.main(["--checkpoint", str(ckpt), "--output", str(out), "--tokenizer", tokenizer]) == 2
     assert fragment in _one_line(capsys, "stem-export")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".tmp", "out"))) == []
 
 
 def test_export_failure_and_ctrl_c_remove_the_temporary_directory(ckpt, tmp_path, capsys, monkeypatch):
-    from stem_megatron import export
+    from stem_megatron.cli import export
 
     for exc, code in ((OSError(28, "No space left on device", "model.safetensors"), 2), (KeyboardInterrupt(), 130)):
         def fail(*args, exc=exc, **kwargs):
@@ -228,7 +230,7 @@ def test_export_failure_and_ctrl_c_remove_the_temporary_directory(ckpt, tmp_path
 
 def test_export_prints_no_third_party_warnings(ckpt, tmp_path):
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-m", "stem_megatron.export", "--checkpoint", str(ckpt), "--output", str(out)],
+    p = subprocess.run([sys.executable, "-m", "stem_megatron.cli.export", "--checkpoint", str(ckpt), "--output", str(out)],
                        capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
     assert p.returncode == 0 and p.stderr == "", p.stderr
     assert (out / "model.safetensors").exists()

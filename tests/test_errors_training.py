@@ -222,7 +222,7 @@ Traceback (most recent call last):
   File "<frozen runpy>", line 198, in _run_module_as_main
 torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 ============================================================
-stem_megatron.train FAILED
+stem_megatron.cli.train FAILED
 ------------------------------------------------------------
 Failures:
 [1]:

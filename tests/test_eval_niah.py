@@ -49,7 +49,7 @@ def test_needle_is_at_the_stated_depth(tok_and_haystack, depth, length):
 def test_cli_writes_table_png_and_json(tok_and_haystack, tmp_path, capsys):
     from fixtures.tiny_export import write_export
 
-    from stem_megatron.inference.eval_cli import main
+    from stem_megatron.cli.eval import main
 
     root, tok_path, tok, hay = tok_and_haystack
     export = write_export(str(root / "m"), tok_path, seq_length=160)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: tiny mo
 
 
 def _eval_args(model, data, *extra):
-    from stem_megatron.inference.eval_cli import parse_args
+    from stem_megatron.cli.eval import parse_args
 
     return parse_args(["ppl", "--model", model, "--input", data, "--batch-size", "3", "--stride", "5",
                        "--no-progress", *extra])
@@ -34,8 +34,8 @@ def _train_save_and_score(rank, world_size, root, tokenizer, data):
     from fixtures.tiny_export import tiny_export_config
     from megatron.core import parallel_state
 
+    from stem_megatron.cli.eval import run_ppl
     from stem_megatron.config import CheckpointConfig
-    from stem_megatron.inference.eval_cli import run_ppl
     from stem_megatron.testing.models import TokenDataset, reference_model
     from stem_megatron.training.checkpoint import Checkpointer
     from stem_megatron.training.trainer import Trainer
@@ -74,8 +74,8 @@ def scored(tmp_path_factory):
 
 
 def test_checkpoint_at_tp2_tp1_in_one_process_and_export_agree(scored):
-    from stem_megatron.export import main as export_main
-    from stem_megatron.inference.eval_cli import run_ppl
+    from stem_megatron.cli.eval import run_ppl
+    from stem_megatron.cli.export import main as export_main
 
     root, data, out = scored
     tp2, tp1, pp2 = out[0]["tp2"], out[0]["tp1_dp2"], out[0]["pp2"]
@@ -153,7 +153,7 @@ def test_sliding_window_scores_every_token_once(seq):
 
 
 def test_bad_input_is_one_line_and_an_exit_code(scored, tmp_path, capsys):
-    from stem_megatron.inference.eval_cli import main
+    from stem_megatron.cli.eval import main
 
     root, data, _ = scored
     cases = [

@@ -69,7 +69,7 @@ def saved(tmp_path_factory):
            for r in per_rank for k, (tokens, logits) in r.items()}
     assert sorted(out) == sorted(LAYOUTS)
     for name in LAYOUTS:
-        from stem_megatron.export import main
+        from stem_megatron.cli.export import main
 
         assert main(["--checkpoint", str(root / name), "--output", str(root / f"hf_{name}")]) == 0
     return root, out
@@ -220,7 +220,7 @@ def test_lm_eval_loglikelihoods_equal_the_projects(saved, tmp_path):
 
 
 def test_export_refuses_bad_input(saved, tmp_path, capsys):
-    from stem_megatron.export import main
+    from stem_megatron.cli.export import main
 
     root, _ = saved
     assert main(["--checkpoint", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")]) == 4

@@ -210,7 +210,7 @@ def test_dry_run_prints_the_paper_1b_figures(capsys):
     """`stem-train --dry-run` needs no process group and prints 1.50 / 1.41 / 6.67 for the 1B shapes."""
     import torch.distributed as dist
 
-    from stem_megatron.train import main
+    from stem_megatron.cli.train import main
 
     assert main(["--config", "configs/stem_1b.yaml", "--dry-run"]) == 0
     out = capsys.readouterr().out

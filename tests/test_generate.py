@@ -106,7 +106,7 @@ def test_cli_generates_and_refuses_bad_prompts_with_one_line(tmp_path, capsys):
     from fixtures.tiny_export import write_export
     from fixtures.tiny_tokenizers import make_tiktoken
 
-    from stem_megatron.inference.generate import main
+    from stem_megatron.cli.generate import main
 
     export = write_export(str(tmp_path / "m"), make_tiktoken(str(tmp_path)), seq_length=32)
     (tmp_path / "prompts.txt").write_text("the end of\n\nof the\n")

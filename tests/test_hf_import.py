@@ -55,7 +55,7 @@ def _hf_model(tied: bool, seed: int, rope_scaling: dict | None = None, rotary_ba
 
 
 def _import(hf_dir, cfg, out, *extra):
-    from stem_megatron.hf_import import main
+    from stem_megatron.cli.import_hf import main
 
     yaml = os.path.join(os.path.dirname(out), os.path.basename(out) + ".yaml")
     with open(yaml, "w") as f:
@@ -222,7 +222,7 @@ def test_bad_inputs_give_one_line_and_write_nothing(imported, tmp_path, capsys):
 def test_import_then_export_round_trips_to_transformers(imported, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from stem_megatron.export import main
+    from stem_megatron.cli.export import main
     from stem_megatron.testing.models import make_batches
 
     root, want, _ = imported
@@ -241,7 +241,7 @@ def test_llama3_rope_scaling_imports_and_exports_with_the_transformers_logits(tm
     the config the import is refused."""
     from transformers import AutoModelForCausalLM
 
-    from stem_megatron.export import main as export_main
+    from stem_megatron.cli.export import main as export_main
     from stem_megatron.export import reference_config_of
     from stem_megatron.reference import ReferenceConfig, rope_inv_freq
     from stem_megatron.testing.models import make_batches

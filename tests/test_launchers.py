@@ -110,7 +110,7 @@ def test_single_node_is_standalone(config):
         f"--signals-to-handle={SIGNALS}",
         "--shutdown-timeout=240",
     ]
-    assert module == "stem_megatron.train"
+    assert module == "stem_megatron.cli.train"
     assert args == ["--config", str(config), "train.lr=3e-4", "x=a b"]
 
 
@@ -269,7 +269,7 @@ def test_sbatch_dry_run_two_nodes(config, tmp_path):
             f"--signals-to-handle={SIGNALS}",
             "--shutdown-timeout=240",
         ]
-        assert (module, args) == ("stem_megatron.train", ["--config", str(config), "train.lr=3e-4"])
+        assert (module, args) == ("stem_megatron.cli.train", ["--config", str(config), "train.lr=3e-4"])
 
 
 def test_sbatch_overrides_and_nodelist_fallback(config, tmp_path):

@@ -64,7 +64,7 @@ def test_stem_1b_tp2_pp2_dp2(offload):
 
 
 def test_dry_run_prints_memory_per_rank(capsys):
-    from stem_megatron.train import main
+    from stem_megatron.cli.train import main
 
     assert main(["--config", str(CONFIG), "--dry-run", "--world-size", "8"]) == 0
     out = capsys.readouterr().out

@@ -73,7 +73,7 @@ def _scenarios(rank, world_size, scenarios):
     results = []
     for sc in scenarios:
         if "reshard" in sc:
-            from stem_megatron.reshard import main as reshard_main
+            from stem_megatron.cli.reshard import main as reshard_main
 
             results.append({"rc": reshard_main(sc["reshard"]) if rank == 0 else None})
             torch.distributed.barrier()
@@ -204,7 +204,7 @@ def test_tp_dependent_vocabulary_padding_loads_the_vocabulary_rows_exactly(runs)
 
 
 def test_stem_reshard_rejects_bad_targets(runs, tmp_path, capsys):
-    from stem_megatron.reshard import main
+    from stem_megatron.cli.reshard import main
 
     src = str(runs["root"] / "src_plain")
     cases = [

@@ -9,7 +9,7 @@
   after all the training.
 
 Both raise `UserError` with the exit code the docs give: 4 for `checkpoint.save`, 2 otherwise.
-The trainer runs them through `cli.agree`, so a problem seen on any rank ends every rank.
+stem-train runs them through `errors.agree`, so a problem seen on any rank ends every rank.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 import tempfile
 
-from stem_megatron.cli import EXIT_CHECKPOINT, EXIT_INPUT, UserError
 from stem_megatron.config import ExperimentConfig
+from stem_megatron.errors import EXIT_CHECKPOINT, EXIT_INPUT, UserError
 
 
 def load_checked_tokenizer(cfg: ExperimentConfig):

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from stem_megatron.cli import EXIT_CHECKPOINT, UserError, one_line
 from stem_megatron.config import ExperimentConfig
+from stem_megatron.errors import EXIT_CHECKPOINT, UserError, one_line
 from stem_megatron.flops import flops_per_token
 from stem_megatron.stem.engine import StemIndexError, table_grad_sq_norm
 from stem_megatron.training.batches import StepBatches

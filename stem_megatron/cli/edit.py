@@ -8,25 +8,17 @@ tokens and a greedy continuation before and after the edit, then the JSON record
 `--persist OUT` (one_to_one only) writes a new export whose tables carry the edit: every occurrence
 of the source tokens then reads the target's rows. The modes are described in stem_megatron/editing.py.
 Exit codes: 0 done, 2 bad arguments or an edit that does not apply, 4 model not loadable,
-130 interrupted (Ctrl-C); errors are one line on stderr (stem_megatron/cli.py).
+130 interrupted (Ctrl-C); errors are one line on stderr (stem_megatron.cli.run).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 from stem_megatron import editing
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the project's bad-input rule)."""
-
-    def error(self, message):
-        print(f"{self.prog}: {message}", file=sys.stderr)
-        sys.exit(2)
+from stem_megatron.cli.args import OneLineParser
 
 
 def _layers(values: list[str] | None) -> list[int] | None:
@@ -39,7 +31,7 @@ def _layers(values: list[str] | None) -> list[int] | None:
 
 
 def parse_args(argv):
-    ap = _OneLineParser(prog="stem-edit", description=__doc__.split("\n")[0])
+    ap = OneLineParser(prog="stem-edit", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="export directory or checkpoint directory / save root")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--source", required=True, help="entity text in the prompt (its last occurrence is edited)")

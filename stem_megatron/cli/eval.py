@@ -14,7 +14,7 @@ generation engine (see niah.py for the prompts and outputs).
 
 Exit codes: 0 done, 2 bad arguments or input (missing / empty input, lengths beyond the context),
 4 the model does not load (missing or damaged checkpoint), 130 interrupted (Ctrl-C); one line on
-stderr (stem_megatron/cli.py), from rank 0 under torchrun.
+stderr (stem_megatron.cli.run), from rank 0 under torchrun.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import os
 import re
 import sys
 
-from stem_megatron.cli import UserError
+from stem_megatron.errors import UserError
 
 _OVERRIDE = re.compile(r"^[A-Za-z_]+(\.[A-Za-z_]+)+=")
 

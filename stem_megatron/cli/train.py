@@ -1,4 +1,4 @@
-"""Entry point: `python -m stem_megatron.train --config X.yaml [section.key=value ...] [--dry-run]`.
+"""`stem-train`: `python -m stem_megatron.cli.train --config X.yaml [section.key=value ...] [--dry-run]`.
 
 Run under torchrun (see launch/torchrun.sh). `--dry-run` prints the resolved config, parameter
 counts and FLOPs and exits without starting a process group or allocating the model.
@@ -57,7 +57,7 @@ _RESUME = "the last checkpoint (if any) is intact; rerun the same command to res
 
 
 def _errors():
-    """(exception, exit code, prefix) of every failure a user can cause in a run; see cli.run."""
+    """(exception, exit code, prefix) of every failure a user can cause in a run; see stem_megatron.cli.run."""
     from stem_megatron.config import ConfigError
     from stem_megatron.data.datasets import DataError
     from stem_megatron.data.tokenizer import TokenizerError
@@ -177,7 +177,7 @@ def _train(cfg, args) -> int:
 
 def _check_resume(trainer, cfg) -> None:
     """A resumed checkpoint already past train.train_steps is a mismatch, not a finished run."""
-    from stem_megatron.cli import EXIT_INPUT, UserError
+    from stem_megatron.errors import EXIT_INPUT, UserError
 
     ck = trainer.checkpointer
     if ck.loaded is not None and trainer.step > cfg.train.train_steps:

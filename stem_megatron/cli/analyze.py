@@ -7,7 +7,7 @@
 `.jsonl` ({"text": ...} per line) or plain text. Writes, into DIR, angular_spread.{json,png}
 and unique_tokens.{json,png} (the methods: stem_megatron/analysis.py), only after every number
 is computed. Exit codes: 0 written, 2 bad input, 4 model not loadable, 130 interrupted (Ctrl-C);
-errors are one line on stderr (stem_megatron/cli.py).
+errors are one line on stderr (stem_megatron.cli.run).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import os
 import sys
 
 from stem_megatron import analysis
-from stem_megatron.edit_cli import _OneLineParser
+from stem_megatron.cli.args import OneLineParser
 
 
 def parse_args(argv):
-    ap = _OneLineParser(prog="stem-analyze", description=__doc__.split("\n")[0])
+    ap = OneLineParser(prog="stem-analyze", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="STEM model: export or checkpoint directory / save root")
     ap.add_argument("--corpus", required=True, nargs="+", metavar="FILE", help=".jsonl or plain-text files")
     ap.add_argument("--output", required=True, metavar="DIR")
