@@ -34,8 +34,19 @@ test-gpu: $(PY)
 gpu-check:
 	$(if $(wildcard $(PY)),$(PY),python3) benchmarks/gpu_check.py $(ARGS)
 
+# Offline install for GPU nodes (docs/launch.md): the wheels a CUDA PyTorch node lacks (CPython 3.12,
+# manylinux x86_64, pinned in launch/wheelhouse.lock), the project's wheel and the sample corpus, in ./wheelhouse.
+.PHONY: wheelhouse wheelhouse-lock
+WHEELHOUSE ?= wheelhouse
+wheelhouse: $(PY) sample-data
+	$(PY) -m launch.wheelhouse build --out $(WHEELHOUSE)
+
+# Maintainers, with network: resolve the wheelhouse's set again and rewrite launch/wheelhouse.lock.
+wheelhouse-lock: $(PY)
+	$(PY) -m launch.wheelhouse lock
+
 lint: $(PY)
-	$(VENV)/bin/ruff check stem_megatron data_tools tests benchmarks
+	$(VENV)/bin/ruff check stem_megatron data_tools tests benchmarks launch
 
 sample-data: $(PY)
 	$(PY) -m data_tools.sample_corpus --output-dir data/sample
