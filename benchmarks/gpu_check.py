@@ -228,6 +228,9 @@ def check_imports() -> dict:
     """Import what the stages import, here (sys.path is the stages' PYTHONPATH): ok, versions, or the error."""
     import importlib.metadata as md
 
+    from stem_megatron import cli
+
+    cli.quiet_known_warnings()  # megatron-core's "Apex is not installed" and the like, as the trainer does
     t0 = time.monotonic()
     try:
         for mod in [*REQUIRED, "stem_megatron.model"]:  # the last builds on megatron.core: the project's own path
