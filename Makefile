@@ -30,7 +30,8 @@ test-gpu: $(PY)
 	$(PY) -m pytest -q -p no:cacheprovider -m gpu tests
 
 # Everything a lent GPU should show, < 8 minutes, one JSON line at the end; says so and exits 0
-# without CUDA. Uses .venv when there is one, else the machine's python3 (no venv is assumed).
+# without CUDA. Uses .venv when there is one, else the machine's python3 (no venv is assumed); where
+# megatron-core is missing it installs ./wheelhouse into .gpu_check/ offline (docs/benchmarks.md).
 gpu-check:
 	$(if $(wildcard $(PY)),$(PY),python3) benchmarks/gpu_check.py $(ARGS)
 
@@ -88,4 +89,4 @@ compare: $(PY) sample-data
 	$(PY) -m benchmarks.compare_dense_stem
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .gpu_check
