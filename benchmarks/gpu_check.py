@@ -228,6 +228,9 @@ def check_imports() -> dict:
     """Import what the stages import, here (sys.path is the stages' PYTHONPATH): ok, versions, or the error."""
     import importlib.metadata as md
 
+    if importlib.util.find_spec("torch") is None:
+        return {"ok": False, "reason": f"torch is not importable by {sys.executable}: the node brings PyTorch "
+                                       "(with CUDA); the wheelhouse leaves it out"}
     from stem_megatron import cli
 
     cli.quiet_known_warnings()  # megatron-core's "Apex is not installed" and the like, as the trainer does

@@ -182,3 +182,15 @@ def test_each_stage_that_cannot_run_says_why(tmp_path):
     no_cuda = {n: why for n, _, _, why in plan_stages("py", "no CUDA device", None, "no corpus", True, [], xml)}
     assert all(why.startswith("no CUDA device") for why in no_cuda.values())
     assert no_cuda["offload"] == "no CUDA device; also needs the sample corpus: no corpus"
+
+
+def test_without_torch_the_import_check_says_the_node_must_bring_it(monkeypatch):
+    import importlib.util
+
+    from benchmarks import gpu_check
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    r = gpu_check.check_imports()
+    assert r["ok"] is False and r["reason"].startswith("torch is not importable by ")
+    assert "the wheelhouse leaves it out" in r["reason"]
