@@ -181,6 +181,18 @@ def build(out: Path, sample: Path, lock: Path = LOCK, log=print) -> dict:
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    try:
+        manifest = _fill(partial, lines, provided, sample, lock, log)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # the old folder, if any, stays as it was
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
+    return manifest
+
+
+def _fill(partial: Path, lines: list[str], provided: set[str], sample: Path, lock: Path, log) -> dict:
+    """Download, build, pack and check into `partial`; returns the checked manifest."""
     log(f"wheelhouse: downloading the {sum(1 for ln in lines if '==' in ln)} wheels pinned in "
         f"{lock.relative_to(REPO) if lock.is_relative_to(REPO) else lock} (CPython {TARGET_PYTHON}, manylinux x86_64)")
     _pip(["download", "--no-deps", "--require-hashes", "--quiet", *target_args(), "-d", str(partial), "-r", str(lock)],
@@ -212,8 +224,6 @@ def build(out: Path, sample: Path, lock: Path = LOCK, log=print) -> dict:
     size = sum(f["bytes"] for f in manifest["files"].values()) + (partial / MANIFEST).stat().st_size
     if size > MAX_BYTES:
         raise WheelhouseError(f"the wheelhouse is {size / 2**20:.1f} MiB, over its {MAX_BYTES / 2**20:.0f} MiB limit")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial, out)
     return manifest
 
 

@@ -164,3 +164,25 @@ def test_an_empty_python312_venv_with_the_wheelhouse_gets_to_no_cuda_offline(tmp
     assert last["data"] == {"sample": str(work / "sample"), "source": "wheelhouse"}, last["data"]
     assert all(s["rc"] == "not_run" and s["reason"].startswith("no CUDA device") for s in last["stages"].values())
     assert not attempts.exists(), attempts.read_text()
+
+
+def test_a_failed_build_leaves_the_previous_wheelhouse_and_no_partial_folder(tmp_path, monkeypatch):
+    out = tmp_path / "wheelhouse"
+    out.mkdir()
+    (out / "MANIFEST.json").write_text("previous")
+    sample = tmp_path / "sample"
+    sample.mkdir()
+    (sample / "x.bin").write_bytes(b"x")
+    (sample / "MANIFEST.json").write_text(json.dumps({"files": {"x.bin": hashlib.sha256(b"x").hexdigest()}}))
+
+    def broken(partial, *args):
+        (partial / "half.whl").write_bytes(b"half")
+        raise wheelhouse.WheelhouseError("pip download of the locked wheels failed (pip exit 1): no network")
+
+    monkeypatch.setattr(wheelhouse, "_fill", broken)
+    with pytest.raises(wheelhouse.WheelhouseError, match="no network"):
+        wheelhouse.build(out, sample)
+    assert (out / "MANIFEST.json").read_text() == "previous" and not (tmp_path / "wheelhouse.partial").exists()
+    (sample / "x.bin").write_bytes(b"y")  # a corpus that is not what its MANIFEST.json says is refused first
+    with pytest.raises(wheelhouse.WheelhouseError, match="x.bin: missing or not the file"):
+        wheelhouse.build(out, sample)
