@@ -61,8 +61,10 @@ REQUIRED = {
     "tokenizers": "tokenizers", "tiktoken": "tiktoken", "sentencepiece": "sentencepiece",
     "safetensors": "safetensors", "pytest": "pytest",
 }
-# Set for every stage: a library that would reach for the network fails instead.
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PIP_NO_INDEX": "1"}
+# Set for every stage: a library that would reach for the network fails instead; and pytest loads
+# no plugins from the node's image (they may not suit the wheelhouse's pytest; the tests need none).
+STAGE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PIP_NO_INDEX": "1",
+             "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
 
 
 def _last_json(text: str) -> dict | None:
@@ -79,7 +81,7 @@ def _last_json(text: str) -> dict | None:
 def stage_env(site: Path | None) -> dict:
     """The stages' environment: the checkout first on PYTHONPATH, then the private site (if any), offline."""
     paths = [str(REPO), str(site) if site else None, os.environ.get("PYTHONPATH")]
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)), PYTHONUNBUFFERED="1", **OFFLINE_ENV)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)), PYTHONUNBUFFERED="1", **STAGE_ENV)
 
 
 def _run(argv: list[str], timeout: float, env: dict | None = None) -> dict:

@@ -194,3 +194,11 @@ def test_without_torch_the_import_check_says_the_node_must_bring_it(monkeypatch)
     r = gpu_check.check_imports()
     assert r["ok"] is False and r["reason"].startswith("torch is not importable by ")
     assert "the wheelhouse leaves it out" in r["reason"]
+
+
+def test_stages_run_offline_with_the_checkout_then_the_private_site_first(tmp_path):
+    from benchmarks.gpu_check import stage_env
+
+    env = stage_env(tmp_path / "site")
+    assert env["PYTHONPATH"].split(os.pathsep)[:2] == [str(REPO), str(tmp_path / "site")]
+    assert env["HF_HUB_OFFLINE"] == "1" and env["PIP_NO_INDEX"] == "1" and env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] == "1"
