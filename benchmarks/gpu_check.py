@@ -134,6 +134,8 @@ def plan_environment(missing: list[str], wheelhouse: Path) -> dict:
         return {"source": "interpreter"}
     if (wheelhouse / MANIFEST).is_file():
         return {"source": "wheelhouse", "missing": missing}
+    if missing == ["pytest"]:  # only the test stage needs it; that stage says so
+        return {"source": "interpreter", "missing": missing}
     return {"source": None, "missing": missing,
             "reason": f"{', '.join(missing)} not importable and no wheelhouse at {wheelhouse} (`make setup`, or "
                       "`make wheelhouse` on a machine with network and copy the folder here; docs/launch.md)"}

@@ -99,6 +99,7 @@ def test_plan_environment_uses_the_interpreter_the_wheelhouse_or_says_why_not(tm
     from benchmarks.gpu_check import plan_environment
 
     assert plan_environment([], tmp_path) == {"source": "interpreter"}
+    assert plan_environment(["pytest"], tmp_path) == {"source": "interpreter", "missing": ["pytest"]}
     none = plan_environment(["megatron.core", "yaml"], tmp_path / "wheelhouse")
     assert none["source"] is None and "megatron.core, yaml not importable" in none["reason"]
     assert str(tmp_path / "wheelhouse") in none["reason"] and "make wheelhouse" in none["reason"]
