@@ -30,12 +30,24 @@ test-gpu: $(PY)
 	$(PY) -m pytest -q -p no:cacheprovider -m gpu tests
 
 # Everything a lent GPU should show, < 8 minutes, one JSON line at the end; says so and exits 0
-# without CUDA. Uses .venv when there is one, else the machine's python3 (no venv is assumed).
+# without CUDA. Uses .venv when there is one, else the machine's python3 (no venv is assumed); where
+# megatron-core is missing it installs ./wheelhouse into .gpu_check/ offline (docs/benchmarks.md).
 gpu-check:
 	$(if $(wildcard $(PY)),$(PY),python3) benchmarks/gpu_check.py $(ARGS)
 
+# Offline install for GPU nodes (docs/launch.md): the wheels a CUDA PyTorch node lacks (CPython 3.12,
+# manylinux x86_64, pinned in launch/wheelhouse.lock), the project's wheel and the sample corpus, in ./wheelhouse.
+.PHONY: wheelhouse wheelhouse-lock
+WHEELHOUSE ?= wheelhouse
+wheelhouse: $(PY) sample-data
+	$(PY) -m launch.wheelhouse build --out $(WHEELHOUSE)
+
+# Maintainers, with network: resolve the wheelhouse's set again and rewrite launch/wheelhouse.lock.
+wheelhouse-lock: $(PY)
+	$(PY) -m launch.wheelhouse lock
+
 lint: $(PY)
-	$(VENV)/bin/ruff check stem_megatron data_tools tests benchmarks
+	$(VENV)/bin/ruff check stem_megatron data_tools tests benchmarks launch
 
 sample-data: $(PY)
 	$(PY) -m stem_megatron.cli.sample_data --output-dir data/sample
@@ -77,4 +89,4 @@ compare: $(PY) sample-data
 	$(PY) -m benchmarks.compare_dense_stem
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .gpu_check

@@ -1,6 +1,6 @@
 """Step time with host tables over step time with device tables (`stem.offload: host` / `device`).
 
-    python -m benchmarks.bench_offload [--steps 6] [--nproc 2] [--repeats 1]
+    python -m benchmarks.bench_offload [--steps 6] [--nproc 2] [--repeats 1] [--data-dir data/sample]
 
 Two configs train on the sample corpus through launch/torchrun.sh, each with device tables and
 with host tables (device row cache of `stem.cache_fraction` 10% of each engine's rows, the
@@ -26,10 +26,16 @@ CONFIGS = {
     "stem_350m_2layers": ("configs/stem_350m_all.yaml", [
         "model.num_layers=2", "model.vocab_size=50257", "model.seq_length=512",
         "train.micro_batch_size=1", "train.global_batch_size=4", "train.precision=auto",
-        "data.data_path=[data/sample/sample_text_document]", "data.tokenizer=data/sample/gpt2.tiktoken",
         "data.split=98,2,0", "parallel.use_distributed_optimizer=false", "parallel.overlap_grad_reduce=false",
     ]),
 }
+
+
+def data_overrides(data_dir: str) -> list[str]:
+    """Both configs read the sample corpus from `data_dir` (`make sample-data`'s layout; gpu-check's carried copy)."""
+    return [f"data.data_path=[{data_dir}/sample_text_document]", f"data.tokenizer={data_dir}/gpt2.tiktoken"]
+
+
 HOST = ["stem.offload=host", "stem.cache_policy=lookahead", "stem.prefetch_depth=2", "stem.cache_fraction=0.1"]
 
 
@@ -38,10 +44,11 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--data-dir", default="data/sample", help="the sample corpus (default data/sample)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     common = [f"train.train_steps={args.steps}", "train.warmup_steps=1", "train.eval_interval=0",
-              "checkpoint.save=null", f"logging.log_interval={args.steps}"]
+              "checkpoint.save=null", f"logging.log_interval={args.steps}", *data_overrides(args.data_dir)]
     results: dict = {}
     for name, (config, overrides) in CONFIGS.items():
         runs = {"device": [], "host": []}
