@@ -178,3 +178,41 @@ def test_bad_input_is_one_line_and_an_exit_code(scored, tmp_path, capsys):
         assert main(argv) == code, argv
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err.count("\n") == 1 and words in captured.err, captured.err
+
+
+# ------------------------------------------------------------------ under the launcher (2 processes)
+def _launch_eval(tmp_path, *argv):
+    """`launch/torchrun.sh -m stem_megatron.inference.eval_cli ppl ARGV` with 2 gloo workers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PET_", "TORCHELASTIC_", "SLURM_")) and k not in ("NPROC_PER_NODE", "LOG_DIR")}
+    env.update(PYTHON=sys.executable, NPROC_PER_NODE="2", OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
+    return subprocess.run(["bash", str(repo / "launch" / "torchrun.sh"), "-m", "stem_megatron.inference.eval_cli",
+                           "ppl", "--no-progress", *argv], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_under_the_launcher_an_error_is_one_line_and_its_exit_code(scored, tmp_path):
+    """What torchrun alone turns into its 45-59 line report and exit 1."""
+    root, data, _ = scored
+    p = _launch_eval(tmp_path, "--model", str(root / "ckpt"), "--input", str(tmp_path / "missing.jsonl"),
+                     "parallel.tensor_model_parallel_size=2")
+    assert p.returncode == 2, p.stderr[-3000:]
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"stem-eval ppl: --input {tmp_path / 'missing.jsonl'}: no such file"), \
+        p.stderr[-3000:]
+    assert p.stdout == "" and os.listdir(tmp_path) == []  # nothing left behind: no launcher state, no temp dirs
+
+
+def test_under_the_launcher_a_layout_override_is_not_given_twice(scored, tmp_path):
+    root, data, out = scored
+    p = _launch_eval(tmp_path, "--model", str(root / "ckpt"), "--input", data, "--batch-size", "3", "--stride", "5",
+                     "parallel.tensor_model_parallel_size=2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "given twice" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+    result = json.loads(p.stdout.splitlines()[-1])
+    assert result["layout"] == out[0]["tp2"]["layout"] and result["loss"] == pytest.approx(out[0]["tp2"]["loss"], rel=1e-6)
+    assert os.listdir(tmp_path) == []
