@@ -204,7 +204,7 @@ def test_under_the_launcher_an_error_is_one_line_and_its_exit_code(scored, tmp_p
     lines = p.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"stem-eval ppl: --input {tmp_path / 'missing.jsonl'}: no such file"), \
         p.stderr[-3000:]
-    assert p.stdout == "" and os.listdir(tmp_path) == []  # nothing left behind: no launcher state, no temp dirs
+    assert p.stdout == "" and _ours(tmp_path) == []  # nothing left behind
 
 
 def test_under_the_launcher_a_layout_override_is_not_given_twice(scored, tmp_path):
@@ -215,4 +215,9 @@ def test_under_the_launcher_a_layout_override_is_not_given_twice(scored, tmp_pat
     assert "given twice" not in p.stderr and "Traceback" not in p.stderr, p.stderr
     result = json.loads(p.stdout.splitlines()[-1])
     assert result["layout"] == out[0]["tp2"]["layout"] and result["loss"] == pytest.approx(out[0]["tp2"]["loss"], rel=1e-6)
-    assert os.listdir(tmp_path) == []
+    assert _ours(tmp_path) == []
+
+
+def _ours(tmp):
+    """Temporary files of the launcher and stem-eval (not torchrun's own torchelastic_* log dirs)."""
+    return sorted(p.name for p in tmp.iterdir() if p.name.startswith(("torchrun-sh.", "stem-eval-")))
