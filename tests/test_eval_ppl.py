@@ -53,10 +53,17 @@ def _train_save_and_score(rank, world_size, root, tokenizer, data):
     trainer.checkpointer.save(trainer)
     trainer.metrics.close()
     parallel_state.destroy_model_parallel()
+    import warnings
+
+    from stem_megatron.config import ConfigWarning
+
     out = {}
-    for name, overrides in (("tp2", ["parallel.tensor_model_parallel_size=2"]), ("tp1_dp2", []),
-                            ("pp2", ["parallel.pipeline_model_parallel_size=2"])):
-        out[name] = run_ppl(_eval_args(os.path.join(root, "ckpt"), data, *overrides))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        for name, overrides in (("tp2", ["parallel.tensor_model_parallel_size=2"]), ("tp1_dp2", []),
+                                ("pp2", ["parallel.pipeline_model_parallel_size=2"])):
+            out[name] = run_ppl(_eval_args(os.path.join(root, "ckpt"), data, *overrides))
+    out["config_warnings"] = [str(w.message) for w in caught if issubclass(w.category, ConfigWarning)]
     return out
 
 
@@ -100,6 +107,13 @@ def test_checkpoint_at_tp2_tp1_in_one_process_and_export_agree(scored):
     assert tp2["bytes"] == sum(len(t.encode("utf-8")) for t in TEXTS)
     assert tp2["windows"] > len(TEXTS)  # documents longer than 16 tokens took several windows
     assert tp2["loss"] > 0 and math.isclose(tp2["ppl"], math.exp(tp2["loss"]))
+
+
+def test_a_layout_override_is_not_reported_as_given_twice(scored):
+    """The layout defaults stem-eval applies are not the user's overrides: a `parallel.*` override
+    given once must not warn (it did, on every rank)."""
+    _, _, out = scored
+    assert [r["config_warnings"] for r in out] == [[], []]
 
 
 def test_bits_per_byte_is_the_hand_computation(tmp_path):
@@ -207,6 +221,7 @@ def test_under_the_launcher_an_error_is_one_line_and_its_exit_code(scored, tmp_p
     assert p.stdout == "" and _ours(tmp_path) == []  # nothing left behind
 
 
+@pytest.mark.slow  # a full evaluation through the launcher; the in-process check above is in the default set
 def test_under_the_launcher_a_layout_override_is_not_given_twice(scored, tmp_path):
     root, data, out = scored
     p = _launch_eval(tmp_path, "--model", str(root / "ckpt"), "--input", data, "--batch-size", "3", "--stride", "5",
