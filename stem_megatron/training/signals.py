@@ -69,8 +69,8 @@ class StopSignals:
         previous = signal.signal(signal.SIGINT, self._on_interrupt)
         try:
             yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        finally:  # None: a handler installed from C, which cannot be put back; the default is closest
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
         if self.interrupted:  # arrived after the last agreement: still a Ctrl-C, honour it now
             raise KeyboardInterrupt
 
