@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Launch stem_megatron training on this node through torchrun, configured by environment.
+# Launch stem_megatron training (or any module) on this node through torchrun, configured by environment.
 #
-#   launch/torchrun.sh CONFIG [dotted.override=value ...]
+#   launch/torchrun.sh CONFIG [dotted.override=value ...]   workers run: python -m stem_megatron.cli.train --config CONFIG ...
+#   launch/torchrun.sh -m MODULE [ARG ...]                 workers run: python -m MODULE ARG ...
+#                                                          (e.g. -m stem_megatron.cli.eval ppl ...: stem-eval)
 #
+# Either way: the workers' exit code (not torchrun's 1), and a worker's one-line error stays one line.
 # Single node by default (--standalone rendezvous on a free localhost port); set NNODES,
 # NODE_RANK, MASTER_ADDR, MASTER_PORT for multi-node (static rendezvous, see docs/launch.md).
 # launch/slurm.sbatch runs this same script once per node under srun.
 #
-# Signals sent to this script: SIGUSR1 and SIGTERM go straight to the trainer processes (they
-# checkpoint and exit 0, so the run exits 0); SIGINT, SIGHUP, SIGQUIT go to torchrun, which stops
-# the workers. Details and the reasons: docs/launch.md, "Preemption".
+# Signals sent to this script (or its process group: a terminal's Ctrl-C): SIGUSR1 and SIGTERM go
+# straight to the trainer processes (they checkpoint and exit 0, so the run exits 0); SIGINT too
+# (they stop without saving, exit 130); SIGHUP, SIGQUIT go to torchrun, which stops the workers.
+# Details and the reasons: docs/launch.md, "Preemption".
 #
 # Environment (defaults in brackets):
 #   NPROC_PER_NODE    workers on this node [GPUs visible: CUDA_VISIBLE_DEVICES, else nvidia-smi -L; 2 on CPU]
@@ -22,11 +26,11 @@
 #   SIGNALS           signals torchrun catches and forwards to its workers [SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1]
 #   SHUTDOWN_TIMEOUT  seconds torchrun waits for workers after forwarding a signal, then SIGKILL [240]
 #   LOG_DIR           if set, stdout+stderr are also appended to $LOG_DIR/node$NODE_RANK.log
-#   STEM_ENTRY_MODULE module the workers run [stem_megatron.cli.train]; for tests and custom entry points
+#   STEM_ENTRY_MODULE module the workers run with CONFIG [stem_megatron.cli.train]; for tests and custom entry points
 #   DRY_RUN=1         print the command (one shell-quoted line) and exit 0 without running it
 set -euo pipefail
 
-USAGE="usage: launch/torchrun.sh CONFIG [dotted.override=value ...]"
+USAGE="usage: launch/torchrun.sh CONFIG [dotted.override=value ...] | -m MODULE [ARG ...]"
 die() {
     echo "torchrun.sh: error: $*" >&2
     exit 2
@@ -48,10 +52,18 @@ if [[ $1 == -h || $1 == --help ]]; then
     sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
     exit 0
 fi
-CONFIG=$1
-shift
-[[ $CONFIG != -* ]] || die "first argument must be the CONFIG file, got option '$CONFIG'; $USAGE"
-[[ -f $CONFIG ]] || die "config file not found: $CONFIG"
+# What each worker runs after `python`: the trainer on CONFIG, or any module with its arguments.
+if [[ $1 == -m ]]; then
+    [[ $# -ge 2 && -n $2 && $2 != -* ]] || die "-m needs a module name; $USAGE"
+    ENTRY=(-m "$2")
+    shift 2
+else
+    CONFIG=$1
+    shift
+    [[ $CONFIG != -* ]] || die "first argument must be the CONFIG file or -m MODULE, got option '$CONFIG'; $USAGE"
+    [[ -f $CONFIG ]] || die "config file not found: $CONFIG"
+    ENTRY=(-m "${STEM_ENTRY_MODULE:-stem_megatron.cli.train}" --config "$CONFIG")
+fi
 
 # Interpreter: the repo's virtual environment when there is one.
 if [[ -z ${PYTHON:-} ]]; then
@@ -126,8 +138,7 @@ CMD=("$PYTHON" -m torch.distributed.run
     --nproc-per-node="$NPROC_PER_NODE"
     --signals-to-handle="$SIGNALS"
     --shutdown-timeout="$SHUTDOWN_TIMEOUT"
-    -m "${STEM_ENTRY_MODULE:-stem_megatron.cli.train}"
-    --config "$CONFIG" "$@")
+    "${ENTRY[@]}" "$@")
 
 if [[ ${DRY_RUN:-0} != 0 ]]; then
     line="OMP_NUM_THREADS=$(shquote "$OMP_NUM_THREADS") PYTHONPATH=$(shquote "$PYTHONPATH")"
@@ -148,7 +159,13 @@ fi
 #   SIGUSR1, SIGTERM  -> straight to the workers (torchrun's children). The trainer checkpoints and
 #                        exits 0, torchrun sees a clean exit and exits 0. Routed through torchrun
 #                        instead, torchrun would exit 1 even after a clean checkpoint.
-#   SIGINT, SIGHUP, SIGQUIT -> to torchrun, which stops its workers (SIGKILL after SHUTDOWN_TIMEOUT).
+#   SIGINT            -> straight to the workers, once each, silently: the trainer stops after the
+#                        step without saving and rank 0 prints the one documented line; exit 130.
+#   SIGHUP, SIGQUIT   -> to torchrun, which stops its workers (SIGKILL after SHUTDOWN_TIMEOUT).
+# torchrun runs in a session of its own, so a signal to this script's process group (a terminal's
+# Ctrl-C) reaches it only through these routes. Otherwise a Ctrl-C reached torchrun twice (from the
+# terminal and from here), and its second SignalException, raised inside its shutdown, ended in a
+# traceback and a second shutdown that sent SIGTERM (the save path) to the workers.
 # A signal that finds no worker running (still in rendezvous) stops torchrun: nothing to save.
 # shellcheck disable=SC2317  # called from the traps below
 children_of() {
@@ -166,14 +183,18 @@ children_of() {
 }
 # shellcheck disable=SC2317  # called from the traps below
 to_workers() {
-    local -a pids
-    mapfile -t pids < <(children_of "$TORCHRUN_PID")
+    local -a pids=()
+    [[ -z $TORCHRUN_PID ]] || mapfile -t pids < <(children_of "$TORCHRUN_PID")
     if [[ ${#pids[@]} -gt 0 ]]; then
-        echo "torchrun.sh: SIG$1 -> workers ${pids[*]}" >&2
+        [[ $1 == INT ]] || echo "torchrun.sh: SIG$1 -> workers ${pids[*]}" >&2
         kill -s "$1" "${pids[@]}" 2>/dev/null || true
     else
-        echo "torchrun.sh: SIG$1 with no worker running -> SIGTERM to torchrun" >&2
-        kill -s TERM "$TORCHRUN_PID" 2>/dev/null || true
+        if [[ $1 == INT ]]; then  # no worker to say it: the one line comes from here
+            echo "torchrun.sh: interrupted (SIGINT) before the workers started" >&2
+        else
+            echo "torchrun.sh: SIG$1 with no worker running -> SIGTERM to torchrun" >&2
+        fi
+        [[ -z $TORCHRUN_PID ]] || kill -s TERM "$TORCHRUN_PID" 2>/dev/null || true
     fi
 }
 # shellcheck disable=SC2317  # called from the traps below
@@ -184,7 +205,7 @@ to_torchrun() {
 # shellcheck disable=SC2317  # called from the traps below
 on_int() {
     INTERRUPTED=1
-    to_torchrun INT
+    to_workers INT
 }
 TORCHRUN_PID=
 INTERRUPTED=0
@@ -208,7 +229,15 @@ mkfifo "$STATE_DIR/stderr"
     -f "$REPO_DIR/launch/torchrun_stderr.awk" <"$STATE_DIR/stderr" >&2) &
 FILTER_PID=$!
 
-"${CMD[@]}" 2>"$STATE_DIR/stderr" &
+# torchrun in a new session (see the signal routing above), exec'd in place: $! is torchrun.
+# setsid() fails only for a process group leader, which a background job of a script is not.
+NEW_SESSION='import os, sys
+try:
+    os.setsid()
+except OSError:
+    pass
+os.execvp(sys.argv[1], sys.argv[1:])'
+"$PYTHON" -c "$NEW_SESSION" "${CMD[@]}" 2>"$STATE_DIR/stderr" &
 TORCHRUN_PID=$!
 # `wait` returns early (status > 128) whenever a trapped signal arrives; keep waiting until
 # torchrun itself has exited, then exit with its status.
@@ -222,7 +251,8 @@ while :; do
     kill -0 "$FILTER_PID" 2>/dev/null || break
 done
 # torchrun exits 1 whatever its workers' codes were: report the first failing worker's code
-# (2 input/config, 3 non-finite, 4 checkpoint, 130 interrupted), or 130 after a Ctrl-C.
+# (2 input/config, 3 non-finite, 4 checkpoint, 130 interrupted; 130 also when torchrun itself was
+# sent SIGINT and passed it on), or 130 after a Ctrl-C.
 if [[ $rc -ne 0 ]]; then
     worker_rc=$(cat "$STATE_DIR/code" 2>/dev/null || true)
     if [[ $worker_rc =~ ^[0-9]+$ && $worker_rc -gt 1 && $worker_rc -lt 256 ]]; then

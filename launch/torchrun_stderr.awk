@@ -9,8 +9,10 @@
 #   SignalException. A held block that grows to 400 lines without either is not torchrun's
 #   report (another traceback, the run goes on): it is printed and passing through resumes.
 # At the end: the root-cause exit code (the first "exitcode  : N" after "Root Cause") goes to
-# `code_file`; torchrun's report and held log lines are dropped when that code is one a worker
-# explains itself (2, 3, 4, 130) or torchrun stopped on a signal, else printed in full.
+# `code_file`, or 130 when torchrun stopped on SIGINT (it passed SIGINT on to its workers, which
+# stop with 130; a SignalException report names no worker's code). torchrun's report and held log
+# lines are dropped when that code is one a worker explains itself (2, 3, 4, 130) or torchrun
+# stopped on a signal, else printed in full.
 function flush_held(   i) {
     for (i = 1; i <= nheld; i++) print held[i]
     nheld = 0
@@ -38,10 +40,11 @@ BEGIN { nheld = 0; nbuf = 0; last_tb = 0; seen_report = 0 }
     fflush()
 }
 END {
-    code = ""; root = 0; report = 0; signalled = 0
+    code = ""; root = 0; report = 0; signalled = 0; sigint = 0
     for (i = last_tb; i >= 1 && i <= nbuf; i++) {
         if (buf[i] ~ /ChildFailedError/) report = 1
         if (buf[i] ~ /SignalException/) { report = 1; signalled = 1 }
+        if (buf[i] ~ /SignalException: .* got signal: (2|SIGINT|Signals\.SIGINT)$/) sigint = 1
         if (buf[i] ~ /^Root Cause/) root = 1
         if (root && code == "" && buf[i] ~ /^ *exitcode *: *-?[0-9]+/) {
             code = buf[i]
@@ -49,6 +52,7 @@ END {
             sub(/[^-0-9].*$/, "", code)
         }
     }
+    if (code == "" && sigint) code = 130
     if (code != "") print code > code_file
     for (i = 1; i < last_tb; i++) print buf[i]
     if (report && (signalled || code == 2 || code == 3 || code == 4 || code == 130)) exit 0

@@ -7,6 +7,7 @@ otherwise train for long ask for many steps, so a check that comes too late show
 One tiny dataset (a few hundred documents of a tiny tiktoken vocabulary) serves every case.
 """
 
+import contextlib
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch" / "torchrun.sh"
 TIMEOUT = 240  # a hang or a full run of LONG steps; a failing start-up on a loaded 2-core box takes < 60 s
 LONG = 100_000
+RESUME = "the last checkpoint (if any) is intact; rerun the same command to resume"
 
 CONFIG = """\
 model:
@@ -181,26 +183,87 @@ def test_input_errors_are_one_line_exit_2_on_every_rank(work, case):
 
 
 # ------------------------------------------------------------------ 6. Ctrl-C
-def test_ctrl_c_ends_training_with_one_line_and_no_traceback(work):
-    save = work["dir"] / "ckpt_interrupted"
+def _children(pid):
+    """Pids whose parent is `pid` (from /proc: no pgrep needed)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid):
+    """Running, not a zombie (torchrun's workers are reaped by torchrun, torchrun by the launcher)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# Where a Ctrl-C lands: a terminal sends SIGINT to the launcher's process group (launcher, its stderr
+# filter, and torchrun before the fix); someone may also signal torchrun alone, every worker, or one.
+CTRL_C_TARGETS = ["terminal", "one worker", pytest.param("torchrun", marks=pytest.mark.slow),
+                  pytest.param("every worker", marks=pytest.mark.slow),
+                  pytest.param("launcher", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("target", CTRL_C_TARGETS)
+def test_ctrl_c_ends_training_with_one_line_and_no_traceback(work, tmp_path, target):
+    """Every rank stops after the same step without saving; the launcher prints only the trainer's
+    line and exits 130; no process, launcher state or partial checkpoint is left behind."""
+    save = tmp_path / "ckpt"
     proc = subprocess.Popen(["bash", str(LAUNCHER), work["config"], f"train.train_steps={LONG}",
                              f"checkpoint.save={save}", "checkpoint.save_interval=2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=work["dir"])
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(TMPDIR=str(tmp_path)), cwd=work["dir"], start_new_session=True)
+    workers, left = [], []
     try:
+        out = []
         for line in proc.stdout:
+            out.append(line)
             if "] step 3/" in line:
                 break
-        proc.send_signal(signal.SIGINT)  # what the terminal's Ctrl-C delivers to the launcher
-        _, err = proc.communicate(timeout=TIMEOUT)
+        torchrun = [p for p in _children(proc.pid) if b"torch.distributed.run" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        workers = torchrun + _children(torchrun[0])
+        assert len(workers) == 3, workers
+        if target == "terminal":
+            os.killpg(proc.pid, signal.SIGINT)
+        elif target == "launcher":
+            proc.send_signal(signal.SIGINT)
+        elif target == "torchrun":
+            os.kill(torchrun[0], signal.SIGINT)
+        else:
+            for pid in workers[1:] if target == "every worker" else workers[2:]:
+                os.kill(pid, signal.SIGINT)
+        rest, err = proc.communicate(timeout=TIMEOUT)
+        deadline = time.monotonic() + 10
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [pid for pid in workers if _alive(pid)]
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in workers:  # torchrun and the workers live in sessions of their own
+            with contextlib.suppress(ProcessLookupError):
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+    stdout = "".join(out) + rest
     assert proc.returncode == 130, err[-3000:]
-    lines = [ln for ln in err.splitlines() if ln != "torchrun.sh: SIGINT -> torchrun"]
-    assert len(lines) == 1 and lines[0].startswith("stem-train: interrupted (SIGINT)"), err[-3000:]
+    assert err.splitlines() == [f"stem-train: interrupted (SIGINT); {RESUME}"], err[-3000:]
+    assert "Traceback" not in stdout and "without saving" in stdout, stdout[-3000:]
+    stopped = int(re.search(r"stopping after step (\d+)", stdout).group(1))
+    assert not left, "torchrun or a worker outlived the launcher"
+    assert not list(tmp_path.glob("torchrun-sh.*")), "launcher state left behind"
     from stem_megatron.training import checkpoint_format as fmt
 
-    fmt.verify(fmt.resolve(str(save)))  # the last checkpoint saved before Ctrl-C is whole
+    assert not [p.name for p in save.iterdir() if p.name.startswith(fmt.TMP_PREFIX)]  # no save was cut short
+    latest = fmt.resolve(str(save))
+    fmt.verify(latest)  # the last checkpoint saved before Ctrl-C is whole
+    assert latest.endswith(f"step_{stopped // 2 * 2:08d}")  # and none was added for the Ctrl-C
 
 
 # ------------------------------------------------------------------ 7. a broken Transformer Engine

@@ -53,10 +53,17 @@ def _train_save_and_score(rank, world_size, root, tokenizer, data):
     trainer.checkpointer.save(trainer)
     trainer.metrics.close()
     parallel_state.destroy_model_parallel()
+    import warnings
+
+    from stem_megatron.config import ConfigWarning
+
     out = {}
-    for name, overrides in (("tp2", ["parallel.tensor_model_parallel_size=2"]), ("tp1_dp2", []),
-                            ("pp2", ["parallel.pipeline_model_parallel_size=2"])):
-        out[name] = run_ppl(_eval_args(os.path.join(root, "ckpt"), data, *overrides))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        for name, overrides in (("tp2", ["parallel.tensor_model_parallel_size=2"]), ("tp1_dp2", []),
+                                ("pp2", ["parallel.pipeline_model_parallel_size=2"])):
+            out[name] = run_ppl(_eval_args(os.path.join(root, "ckpt"), data, *overrides))
+    out["config_warnings"] = [str(w.message) for w in caught if issubclass(w.category, ConfigWarning)]
     return out
 
 
@@ -100,6 +107,13 @@ def test_checkpoint_at_tp2_tp1_in_one_process_and_export_agree(scored):
     assert tp2["bytes"] == sum(len(t.encode("utf-8")) for t in TEXTS)
     assert tp2["windows"] > len(TEXTS)  # documents longer than 16 tokens took several windows
     assert tp2["loss"] > 0 and math.isclose(tp2["ppl"], math.exp(tp2["loss"]))
+
+
+def test_a_layout_override_is_not_reported_as_given_twice(scored):
+    """The layout defaults stem-eval applies are not the user's overrides: a `parallel.*` override
+    given once must not warn (it did, on every rank)."""
+    _, _, out = scored
+    assert [r["config_warnings"] for r in out] == [[], []]
 
 
 def test_bits_per_byte_is_the_hand_computation(tmp_path):
@@ -178,3 +192,47 @@ def test_bad_input_is_one_line_and_an_exit_code(scored, tmp_path, capsys):
         assert main(argv) == code, argv
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err.count("\n") == 1 and words in captured.err, captured.err
+
+
+# ------------------------------------------------------------------ under the launcher (2 processes)
+def _launch_eval(tmp_path, *argv):
+    """`launch/torchrun.sh -m stem_megatron.cli.eval ppl ARGV` with 2 gloo workers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PET_", "TORCHELASTIC_", "SLURM_")) and k not in ("NPROC_PER_NODE", "LOG_DIR")}
+    env.update(PYTHON=sys.executable, NPROC_PER_NODE="2", OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
+    return subprocess.run(["bash", str(repo / "launch" / "torchrun.sh"), "-m", "stem_megatron.cli.eval",
+                           "ppl", "--no-progress", *argv], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_under_the_launcher_an_error_is_one_line_and_its_exit_code(scored, tmp_path):
+    """What torchrun alone turns into its 45-59 line report and exit 1."""
+    root, data, _ = scored
+    p = _launch_eval(tmp_path, "--model", str(root / "ckpt"), "--input", str(tmp_path / "missing.jsonl"),
+                     "parallel.tensor_model_parallel_size=2")
+    assert p.returncode == 2, p.stderr[-3000:]
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"stem-eval ppl: --input {tmp_path / 'missing.jsonl'}: no such file"), \
+        p.stderr[-3000:]
+    assert p.stdout == "" and _ours(tmp_path) == []  # nothing left behind
+
+
+@pytest.mark.slow  # a full evaluation through the launcher; the in-process check above is in the default set
+def test_under_the_launcher_a_layout_override_is_not_given_twice(scored, tmp_path):
+    root, data, out = scored
+    p = _launch_eval(tmp_path, "--model", str(root / "ckpt"), "--input", data, "--batch-size", "3", "--stride", "5",
+                     "parallel.tensor_model_parallel_size=2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "given twice" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+    result = json.loads(p.stdout.splitlines()[-1])
+    assert result["layout"] == out[0]["tp2"]["layout"] and result["loss"] == pytest.approx(out[0]["tp2"]["loss"], rel=1e-6)
+    assert _ours(tmp_path) == []
+
+
+def _ours(tmp):
+    """Temporary files of the launcher and stem-eval (not torchrun's own torchelastic_* log dirs)."""
+    return sorted(p.name for p in tmp.iterdir() if p.name.startswith(("torchrun-sh.", "stem-eval-")))

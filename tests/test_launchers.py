@@ -114,6 +114,15 @@ def test_single_node_is_standalone(config):
     assert args == ["--config", str(config), "train.lr=3e-4", "x=a b"]
 
 
+def test_any_module_runs_with_its_own_arguments():
+    r = _run(TORCHRUN_SH, "-m", "stem_megatron.cli.eval", "ppl", "--model", "m p",
+             "parallel.tensor_model_parallel_size=2", DRY_RUN=1, NPROC_PER_NODE=2)
+    assert r.returncode == 0, r.stderr
+    _, _, flags, module, args = _torchrun(r.stdout)
+    assert flags[0] == "--standalone" and module == "stem_megatron.cli.eval"
+    assert args == ["ppl", "--model", "m p", "parallel.tensor_model_parallel_size=2"]  # no --config
+
+
 def test_single_node_with_fixed_port_uses_localhost(config):
     r = _run(TORCHRUN_SH, config, DRY_RUN=1, NPROC_PER_NODE=1, MASTER_PORT=29555)
     assert r.returncode == 0, r.stderr
@@ -196,6 +205,8 @@ def test_nproc_per_node_default(config, tmp_path, extra_env, smi_gpus, expected)
         (["{config}"], {"NNODES": 2}, "MASTER_ADDR must be set"),
         (["{config}"], {"NNODES": 2, "NODE_RANK": 2, "MASTER_ADDR": "h"}, "NODE_RANK=2 must be < NNODES=2"),
         (["{config}"], {"NPROC_PER_NODE": "two"}, "NPROC_PER_NODE must be"),
+        (["-m"], {}, "-m needs a module name"),
+        (["-m", "--input"], {}, "-m needs a module name"),
     ],
 )
 def test_torchrun_sh_usage_errors(config, args, env, message):
@@ -313,22 +324,35 @@ def test_sbatch_usage_errors(config, tmp_path, args, drop, message):
 # --------------------------------------------------------------------------- real signal delivery
 
 _WORKER = '''\
-"""Stand-in trainer: on SIGUSR1/SIGTERM write a marker naming the signal and exit 0."""
+"""Stand-in trainer: on SIGUSR1/SIGTERM write a marker naming the signal and exit 0. On SIGINT
+append "SIGINT " to the marker (each one: a Ctrl-C must arrive once), 1 s later rank 0 prints one
+line and every rank exits 130, as the trainer does."""
 import os, signal, sys, time
 
 out, rank = sys.argv[sys.argv.index("--config") + 1] + ".d", os.environ["RANK"]
+interrupted = []
 
 def _stop(signum, frame):
     with open(os.path.join(out, f"marker_{rank}"), "w") as f:
         f.write(signal.Signals(signum).name)
     sys.exit(0)
 
+def _interrupt(signum, frame):
+    with open(os.path.join(out, f"marker_{rank}"), "a") as f:
+        f.write("SIGINT ")
+    interrupted.append(time.monotonic())
+
 signal.signal(signal.SIGUSR1, _stop)
 signal.signal(signal.SIGTERM, _stop)
+signal.signal(signal.SIGINT, _interrupt)
 with open(os.path.join(out, f"ready_{rank}"), "w") as f:
     f.write(str(os.getpid()))
 deadline = time.monotonic() + 60  # never outlive a broken test
 while time.monotonic() < deadline:
+    if interrupted and time.monotonic() > interrupted[0] + 1:
+        if rank == "0":
+            print("stand-in: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        sys.exit(130)
     time.sleep(0.05)
 sys.exit(3)
 '''
@@ -357,14 +381,15 @@ def worker(tmp_path, config):
     return env, out
 
 
-def _launch_and_signal(argv, env, out, signals, nprocs=2):
-    """Start argv, wait until every worker is up, send `signals` to the launcher process in turn
-    (each is (signal, pause after)), and return (exit status, markers by rank)."""
+def _launch_and_signal(argv, env, out, signals, nprocs=2, group=False, stderr=subprocess.STDOUT):
+    """Start argv, wait until every worker is up, send `signals` to the launcher process (or its
+    process group, as a terminal does) in turn (each is (signal, pause after)), and return (exit
+    status, markers by rank, output)."""
     proc = subprocess.Popen(
         argv,
         env=_env(**env),
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=stderr,
         text=True,
         start_new_session=True,
     )
@@ -376,9 +401,14 @@ def _launch_and_signal(argv, env, out, signals, nprocs=2):
             assert time.monotonic() < deadline, "workers did not start"
             time.sleep(0.05)
         for sig, pause in signals:
-            proc.send_signal(sig)
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
             time.sleep(pause)
-        output, _ = proc.communicate(timeout=20)
+        output, errors = proc.communicate(timeout=20)
+        if stderr is subprocess.PIPE:
+            output = (output, errors)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -398,6 +428,69 @@ def test_launcher_forwards_signal_to_every_worker(worker, config, sig):
     rc, markers, output = _launch_and_signal(["bash", str(TORCHRUN_SH), str(config)], env, out, [(sig, 0)])
     assert markers == {0: sig.name, 1: sig.name}, output
     assert rc == 0, output  # workers exited 0 after their checkpoint, so torchrun does too
+
+
+@pytest.mark.parametrize("group", [True, False], ids=["terminal", "launcher"])
+def test_ctrl_c_reaches_every_worker_once_and_only_their_line_shows(worker, config, group):
+    """A terminal's Ctrl-C signals the launcher's whole process group: torchrun must not get it too
+    (it would forward a second SIGINT, then SIGTERM, and end in its SignalException traceback)."""
+    env, out = worker
+    rc, markers, (stdout, stderr) = _launch_and_signal(["bash", str(TORCHRUN_SH), str(config)], env, out,
+                                                       [(signal.SIGINT, 0)], group=group, stderr=subprocess.PIPE)
+    assert markers == {0: "SIGINT ", 1: "SIGINT "}, (stdout, stderr)
+    assert stderr.splitlines() == ["stand-in: interrupted (SIGINT)"], stderr
+    assert rc == 130
+
+
+def test_ctrl_c_to_torchrun_alone_is_passed_on_and_exits_130(worker, config):
+    env, out = worker
+    proc = subprocess.Popen(["bash", str(TORCHRUN_SH), str(config)], env=_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not all((out / f"ready_{r}").exists() for r in range(2)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        os.kill(_parent(out / "ready_0"), signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert {r: (out / f"marker_{r}").read_text() for r in range(2)} == {0: "SIGINT ", 1: "SIGINT "}
+    assert stderr.splitlines() == ["stand-in: interrupted (SIGINT)"], stderr
+    assert proc.returncode == 130
+
+
+def _parent(ready_file):
+    """torchrun's pid: the parent of the worker whose pid is in `ready_file`."""
+    for _ in range(100):
+        text = ready_file.read_text()
+        if text:
+            break
+        time.sleep(0.05)
+    stat = Path(f"/proc/{int(text)}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+_FAILER = '''\
+"""Stand-in command: every rank fails with exit 2 (a bad input), rank 0 says why in one line."""
+import os, sys
+
+if os.environ["RANK"] == "0":
+    print(f"stand-in: {sys.argv[1]}: no such file", file=sys.stderr, flush=True)
+sys.exit(2)
+'''
+
+
+def test_any_module_under_the_launcher_keeps_its_one_line_and_exit_code(tmp_path):
+    """`-m MODULE`: the same filter and exit code as training, for stem-eval and any other command."""
+    (tmp_path / "stem_failer.py").write_text(_FAILER)
+    r = subprocess.run(["bash", str(TORCHRUN_SH), "-m", "stem_failer", "nope.jsonl"], capture_output=True,
+                       text=True, timeout=120, env=_env(PYTHONPATH=tmp_path, NPROC_PER_NODE=2, PYTHON=sys.executable,
+                                                        OMP_NUM_THREADS=1, TMPDIR=tmp_path))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == ["stand-in: nope.jsonl: no such file"], r.stderr
+    assert not list(tmp_path.glob("torchrun-sh.*"))  # no launcher state left
 
 
 def test_sbatch_trap_forwards_usr1_through_srun(worker, config, tmp_path):

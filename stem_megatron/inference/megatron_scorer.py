@@ -31,6 +31,16 @@ LAYOUT_DEFAULTS = (
 ALLOWED_OVERRIDES = ("parallel.", "stem.shard_size", "model.transformer_impl")
 
 
+def _defaults_not_given(defaults, overrides: list[str]) -> list[str]:
+    """The layout defaults for the keys the user's overrides leave out. Passing both would be the
+    same key twice on one override list: load_config warns about that (on every rank), and rightly
+    so only for what the user typed twice."""
+    from stem_megatron.config import parse_override
+
+    given = {parse_override(o)[0] for o in overrides}
+    return [d for d in defaults if parse_override(d)[0] not in given]
+
+
 class _NoData:
     def __len__(self):
         return 1
@@ -63,7 +73,7 @@ class MegatronScorer:
         self._logdir = tempfile.mkdtemp(prefix="stem-eval-")  # the trainer's TensorBoard writer wants one
         try:
             cfg = load_config(f"{ckpt}/{fmt.CONFIG}", [
-                *LAYOUT_DEFAULTS, "train.micro_batch_size=1", "checkpoint.save=null", "checkpoint.load=null",
+                *_defaults_not_given(LAYOUT_DEFAULTS, overrides), "train.micro_batch_size=1", "checkpoint.save=null", "checkpoint.load=null",
                 f"logging.tensorboard_dir={self._logdir}", f"model.seq_length={seq_length}", *overrides,
             ])
         except BaseException:

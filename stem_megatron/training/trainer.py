@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 
@@ -30,12 +29,14 @@ from stem_megatron.config import ExperimentConfig
 from stem_megatron.errors import EXIT_CHECKPOINT, UserError, one_line
 from stem_megatron.flops import flops_per_token
 from stem_megatron.stem.engine import StemIndexError, table_grad_sq_norm
+from stem_megatron.training import signals
 from stem_megatron.training.batches import StepBatches
 from stem_megatron.training.checkpoint_format import CheckpointError
 from stem_megatron.training.lr_schedule import dense_schedule, table_schedule
 from stem_megatron.training.metrics import MetricsLogger
 from stem_megatron.training.offload_metrics import OffloadMeter
 from stem_megatron.training.preflight import default_log_dir, load_checked_tokenizer
+from stem_megatron.training.signals import StopSignals
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "H800": 989e12, "B200": 2250e12}
 
@@ -111,7 +112,7 @@ class Trainer:
         self.consecutive_skips = 0
         self.skipped_steps = 0
         self.poison_steps: set[int] = set()  # fault injection for tests: these steps' loss becomes NaN
-        self.stop_requested: str | None = None
+        self.signals = StopSignals()  # SIGTERM/SIGUSR1/SIGINT requests, agreed across ranks each step
         self.checkpointer = None
         self._step_scope_active = False  # this schedule's STEM rows come from one step-scope exchange
 
@@ -384,18 +385,13 @@ class Trainer:
         return (total[0] / total[1].clamp_min(1)).item()
 
     # ------------------------------------------------------------------ loop
+    @property
+    def stop_requested(self) -> str | None:
+        """The stop signal this rank received ("SIGTERM", "SIGUSR1", "SIGINT"), or None."""
+        return self.signals.requested
+
     def _install_signal_handlers(self) -> None:
-        def handler(signum, frame):
-            self.stop_requested = signal.Signals(signum).name
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
-
-    def _stop_agreed(self) -> bool:
-        """Every rank must stop after the same step: agree on whether any rank got a signal."""
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+        self.signals.install()
 
     def _log_step(self, r: StepResult) -> None:
         cfg = self.cfg
@@ -439,24 +435,33 @@ class Trainer:
             self.metrics.line(f"validation at step {self.step}: loss {first_val:.4f} ppl {math.exp(min(first_val, 50)):.1f}")
         losses, times = [], []
         last_val = first_val
-        while self.step < cfg.train.train_steps:
-            r = self.train_step()
-            losses.append(r.loss)
-            times.append(r.seconds)
-            self._log_step(r)
-            if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
-                last_val = self.evaluate()
-                self.metrics.scalars(self.step, {"val/loss": last_val, "val/ppl": math.exp(min(last_val, 50))})
-                self.metrics.line(f"validation at step {self.step}: loss {last_val:.4f} ppl {math.exp(min(last_val, 50)):.1f}")
-            c = cfg.checkpoint
-            if self.checkpointer is not None and c.save and c.save_interval and self.step % c.save_interval == 0:
-                self._save()
-            if self._stop_agreed():
-                self.metrics.line(f"received {self.stop_requested or 'a stop signal on another rank'}: stopping after step {self.step}")
-                if self.checkpointer is not None:
+        stopped = False
+        with self.signals.deferring_interrupt():  # Ctrl-C stops after the step (docs/training.md)
+            while self.step < cfg.train.train_steps:
+                r = self.train_step()
+                losses.append(r.loss)
+                times.append(r.seconds)
+                self._log_step(r)
+                if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
+                    last_val = self.evaluate()
+                    self.metrics.scalars(self.step, {"val/loss": last_val, "val/ppl": math.exp(min(last_val, 50))})
+                    self.metrics.line(f"validation at step {self.step}: loss {last_val:.4f} ppl {math.exp(min(last_val, 50)):.1f}")
+                c = cfg.checkpoint
+                if self.checkpointer is not None and c.save and c.save_interval and self.step % c.save_interval == 0:
                     self._save()
-                break
-        else:
+                stop = self.signals.agreed(self.device)  # every rank stops after the same step
+                if stop == signals.INTERRUPT:  # Ctrl-C: no save; cli.run prints the line, exit 130
+                    self.metrics.line(f"received {'SIGINT' if self.signals.interrupted else 'SIGINT on another rank'}: "
+                                      f"stopping after step {self.step} without saving")
+                    self.metrics.close()
+                    raise KeyboardInterrupt
+                if stop:
+                    self.metrics.line(f"received {self.stop_requested or 'a stop signal on another rank'}: stopping after step {self.step}")
+                    if self.checkpointer is not None:
+                        self._save()
+                    stopped = True
+                    break
+        if not stopped:
             if cfg.train.eval_interval and self.step % cfg.train.eval_interval != 0:
                 last_val = self.evaluate()
                 if last_val is not None:
