@@ -2,10 +2,12 @@
 
 Host tables (`offload="host"`) hold on the device, per engine:
 - the row cache: `cache_rows` slots of fp32 master rows [L, F], allocated once (never grows);
-- the exchange buffers of the micro-batches in flight (issued prefetch to folded gradient): the
-  requester's received rows (compute dtype) and its fp32 row-gradient accumulator, the owner's
-  fp32 rows of its read (hits and fetched misses), their compute-dtype copy sent back, and the
-  fp32 misses fetched from the host; the same exchange buffers device tables have, plus the misses;
+- the exchange buffers of the micro-batches in flight: on the requester side, from the row
+  all-to-all until the gradient is folded (prefetch depth + pipeline warmup micro-batches), the
+  received rows (compute dtype) and the fp32 row-gradient accumulator; on the owner side, only
+  from the prefetch until its rows are sent (at most `prefetch_depth` reads), the fp32 rows of
+  the read (one per request), their compute-dtype copy and the fp32 misses fetched from the host.
+  These are the exchange buffers device tables have too, plus the misses;
 - the chunk buffers of the step's end: one round of the gradient reduce (send, receive, owner
   sum and its workspace) or one chunk of the update (weights, two moments, gradient and the
   update's temporaries), never both at once.
@@ -60,9 +62,10 @@ class DeviceBound:
 
 def device_bound_bytes(
     *, cache_rows: int, rows_local: int, vocab_size: int, layers: int, cols: int, compute_bytes: int,
-    shard_size: int, tokens_per_microbatch: int, inflight: int, chunk_rows: int | None = None,
+    shard_size: int, tokens_per_microbatch: int, inflight: int, prefetch_depth: int, chunk_rows: int | None = None,
 ) -> DeviceBound:
-    """Worst-case device bytes of one host-table engine (see the module docstring)."""
+    """Worst-case device bytes of one host-table engine (see the module docstring): `inflight`
+    requester-side micro-batches, `prefetch_depth` owner-side reads."""
     row = layers * cols
     chunk = chunk_rows_for(cache_rows) if chunk_rows is None else chunk_rows
     t = tokens_per_microbatch
@@ -70,9 +73,10 @@ def device_bound_bytes(
     r = shard_size * min(t, rows_local)  # owner: every requester's ids of this micro-batch owned here
     m = min(rows_local, r)  # owner: distinct rows fetched from the host
     cast = compute_bytes if compute_bytes != 4 else 0  # the compute-dtype copy, when it is a copy
-    per_mb = u * row * (compute_bytes + 4) + r * row * (4 + cast) + m * row * 4
+    requester = u * row * (compute_bytes + 4)
+    owner = r * row * (4 + cast) + m * row * 4
     chunk_b = max(UPDATE_CHUNK_BUFFERS, REDUCE_CHUNK_BUFFERS) * chunk * row * 4
-    return DeviceBound(cache_rows * row * 4, inflight * per_mb, chunk_b)
+    return DeviceBound(cache_rows * row * 4, inflight * requester + min(inflight, prefetch_depth) * owner, chunk_b)
 
 
 class DeviceMeter:

@@ -741,6 +741,8 @@ class StemTableEngine:
         padded[: index_n.numel()] = index_n.to(self.device)
         union = torch.unique(torch.cat(all_gather_rows(padded, group, r))).cpu()
         union = union[union >= 0]
+        # rows touched only on other replicas: updated here from their gradients alone (counter for tests)
+        self.stats["replica_only_rows"] = int(union.numel() - index_n.numel())
         pos_n = torch.searchsorted(union, index_n)
         out_nLF = values_nLF.new_zeros((union.numel(), *values_nLF.shape[1:]))
         row_bytes = values_nLF[0:1].numel() * 4
