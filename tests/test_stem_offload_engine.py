@@ -123,3 +123,60 @@ def test_set_rows_after_a_step_releases_the_steps_rows(offload):
     e.reduce_grads()
     e.set_rows("step", torch.zeros_like(e.row_state()["step"]))  # ... or until rows are overwritten
     assert int(e.row_state()["step"].sum()) == 0
+
+
+def _one_step(mbs, v=4000, layers=(0, 1), f=16, t=512, depth=2, cache=400):
+    """One host-table step of `mbs` Zipf micro-batches prefetched `depth` deep; (engine, touched rows, max pinned)."""
+    e = StemTableEngine(v, list(layers), f, seed=3, offload="host", cache_rows=cache, cache_policy="lfu")
+    assert e._rows.slots_CLF.shape[0] == cache  # allocated once, from the cache size
+    g = torch.Generator().manual_seed(0)
+    zipf = torch.distributions.Categorical(probs=1.0 / torch.arange(1, v + 1, dtype=torch.float64) ** 0.6)
+    torch.manual_seed(0)
+    batches = [zipf.sample((1, t)) for _ in range(mbs)]
+    handles = [e.prefetch(b) for b in batches[:depth]]
+    max_pinned = 0
+    for i in range(mbs):
+        max_pinned = max(max_pinned, int((e._rows.cache.pins_C > 0).sum()))
+        lk = handles[i].wait()
+        if i + depth < mbs:
+            handles.append(e.prefetch(batches[i + depth]))
+        e.fold_before(lk)  # as the backward hook does when this micro-batch's backward starts
+        (lk.gather(0) * torch.randn(1, t, f, generator=g)).sum().backward()
+    e.reduce_grads()
+    assert e.grad_values.device.type == "cpu"  # the step's gradients wait in host memory
+    opt = RowSparseAdamW([e])
+    opt.step(lr=1e-3)
+    opt.zero_grad()
+    touched = torch.unique(torch.cat([b.flatten() for b in batches])).numel()
+    assert e.offload_stats()["host_updates"] == touched
+    return e, touched, max_pinned
+
+
+def test_a_step_touching_most_of_the_vocabulary_stays_within_the_device_bound():
+    """12 micro-batches of 512 tokens touch > 60% of a 4,000-row vocabulary; the cache holds 10%.
+
+    Before, rows stayed pinned until the update, so the device held every row the step touched
+    (with its moments). Now the cache allocation is its 400 rows from the start, pinned slots never
+    exceed it, the metered peak (cache + exchange buffers in flight + step-end chunks) stays within
+    `device_bound_bytes` for this shape, and a step twice as long (more rows touched) does not
+    raise the peak: it is set by the cache and the micro-batches in flight, not by the step.
+    """
+    from stem_megatron.stem.device_budget import device_bound_bytes, inflight_microbatches
+
+    v, f, t, depth, cache, mbs = 4000, 16, 512, 2, 400, 12
+    row_bytes = 2 * f * 4
+    e, touched, max_pinned = _one_step(mbs)
+    assert touched > 0.6 * v
+    st = e.offload_stats()
+    bound = device_bound_bytes(cache_rows=cache, rows_local=v, vocab_size=v, layers=2, cols=f,
+                               compute_bytes=4, shard_size=1, tokens_per_microbatch=t,
+                               inflight=inflight_microbatches(depth, mbs, 1), prefetch_depth=depth)
+    assert st["cache_slots"] == cache and max_pinned <= cache and st["evicted_pinned"] == 0
+    assert e._meter.now["inflight"] == 0 and e._meter.now["chunk"] == 0  # everything released
+    assert 0 < st["device_peak_bytes"] <= bound.total
+    parts = st["device_peak_parts"]
+    assert parts["cache"] == cache * row_bytes and parts["inflight"] <= bound.inflight_bytes
+    assert st["device_peak_bytes"] < 0.5 * touched * 3 * row_bytes  # what the old pins held: touched rows + moments
+    e2, touched2, _ = _one_step(2 * mbs)
+    assert touched2 > touched + 300
+    assert e2.offload_stats()["device_peak_bytes"] <= 1.1 * st["device_peak_bytes"]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from stem_megatron.stem.device_budget import REDUCE_CHUNK_BUFFERS, DeviceMeter
 from stem_megatron.stem.exchange import (
     ID_EXCHANGES,
     StemIndexError,
@@ -50,7 +51,6 @@ from stem_megatron.stem.hierarchical import (
     reduce_stats,
     route_to_aggregators,
 )
-from stem_megatron.stem.device_budget import REDUCE_CHUNK_BUFFERS, DeviceMeter
 from stem_megatron.stem.ownership import RowOwnership
 from stem_megatron.stem.row_cache import CACHE_POLICIES
 from stem_megatron.stem.row_storage import OFFLOAD_MODES, UPDATE_PLACES, DeviceRows, HostRows
