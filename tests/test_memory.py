@@ -60,14 +60,14 @@ def test_stem_1b_tp2_pp2_dp2(offload):
         if offload == "device":
             assert (st.device_bytes, st.host_bytes) == (dense + tables, 0)
         else:
-            # Host tables' device bound: fp32 master rows in the cache; 5 micro-batches in flight (prefetch
-            # depth 1 + (PP 2 + 1) warmup + 1 being folded); each: the requester's 4,096 rows in bf16 + an fp32
-            # gradient; one owner read (depth 1): 2 x 4,096 requested rows in fp32 + their bf16 copy, and up
-            # to 8,192 fp32 misses; one step-end chunk: 7 fp32 buffers of cache_rows // 4 rows.
+            # Host tables' device bound: bf16 rows in the cache; 5 micro-batches in flight (prefetch depth 1
+            # + (PP 2 + 1) warmup + 1 being folded); each: the requester's 4,096 rows in bf16 + an fp32
+            # gradient; one owner read (depth 1): 2 x 4,096 requested rows and up to 8,192 misses, in bf16;
+            # one step-end chunk: 7 fp32 buffers of cache_rows // 4 rows.
             row = n_stem * 4096
-            assert st.table_cache_bytes == cache_rows * row * 4
+            assert st.table_cache_bytes == cache_rows * row * 2
             assert st.inflight_microbatches == 5
-            assert st.table_inflight_bytes == 5 * 4096 * row * (2 + 4) + 8192 * row * (4 + 2) + 8192 * row * 4
+            assert st.table_inflight_bytes == 5 * 4096 * row * (2 + 4) + 8192 * row * 2 + 8192 * row * 2
             assert st.table_chunk_bytes == 7 * (cache_rows // 4) * row * 4
             bound = st.table_cache_bytes + st.table_inflight_bytes + st.table_chunk_bytes
             assert (st.device_bytes, st.host_bytes) == (dense + bound, tables)

@@ -18,9 +18,9 @@ from stem_megatron.training.offload_metrics import OffloadMeter
 V, LAYERS, F = 40, [0, 2], 6
 
 
-def _engine(offload, policy="lfu", cache_rows=3, host_update="device"):
+def _engine(offload, policy="lfu", cache_rows=3, host_update="device", dtype=torch.float32):
     kw = dict(offload="host", cache_rows=cache_rows, cache_policy=policy, host_update=host_update) if offload == "host" else {}
-    return StemTableEngine(V, LAYERS, F, deterministic=True, seed=7, **kw)
+    return StemTableEngine(V, LAYERS, F, deterministic=True, seed=7, compute_dtype=dtype, **kw)
 
 
 def _train(engine, steps=3, depth=3, mbs=4):
@@ -45,11 +45,13 @@ def _train(engine, steps=3, depth=3, mbs=4):
     return seen, [engine.weight.clone()] + [t.clone() for t in engine.row_state().values()]
 
 
-@pytest.mark.parametrize("policy,host_update", [("lfu", "device"), ("lru", "host"), ("lookahead", "device"),
-                                                ("lookahead", "host")])
-def test_host_engine_trains_bitwise_like_device_engine(policy, host_update):
-    ref_rows, ref_state = _train(_engine("device"))
-    host = _engine("host", policy, host_update=host_update)
+@pytest.mark.parametrize("policy,host_update,dtype", [
+    ("lfu", "device", torch.float32), ("lru", "host", torch.float32), ("lookahead", "device", torch.float32),
+    ("lookahead", "host", torch.bfloat16),  # the cache then holds bf16 rows: the cast of the fp32 masters
+])
+def test_host_engine_trains_bitwise_like_device_engine(policy, host_update, dtype):
+    ref_rows, ref_state = _train(_engine("device", dtype=dtype))
+    host = _engine("host", policy, host_update=host_update, dtype=dtype)
     rows, state = _train(host)
     assert all(torch.equal(a, b) for a, b in zip(rows, ref_rows))
     assert all(torch.equal(a, b) for a, b in zip(state, ref_state))

@@ -1,12 +1,13 @@
 """The device memory of host tables: its bound (for the dry run) and a meter of what is held (for the trainer).
 
 Host tables (`offload="host"`) hold on the device, per engine:
-- the row cache: `cache_rows` slots of fp32 master rows [L, F], allocated once (never grows);
+- the row cache: `cache_rows` slots of rows [L, F] in the compute dtype (the cast of the fp32
+  master that forwards read), allocated once (never grows);
 - the exchange buffers of the micro-batches in flight: on the requester side, from the row
   all-to-all until the gradient is folded (prefetch depth + pipeline warmup micro-batches), the
   received rows (compute dtype) and the fp32 row-gradient accumulator; on the owner side, only
-  from the prefetch until its rows are sent (at most `prefetch_depth` reads), the fp32 rows of
-  the read (one per request), their compute-dtype copy and the fp32 misses fetched from the host.
+  from the prefetch until its rows are sent (at most `prefetch_depth` reads), the rows of the
+  read (one per request) and the misses fetched from the host, both in the compute dtype.
   These are the exchange buffers device tables have too, plus the misses;
 - the chunk buffers of the step's end: one round of the gradient reduce (send, receive, owner
   sum and its workspace) or one chunk of the update (weights, two moments, gradient and the
@@ -38,7 +39,7 @@ REDUCE_CHUNK_BUFFERS = 4
 
 def chunk_rows_for(cache_rows: int) -> int:
     """Rows of one reduce round / update chunk: a quarter of the cache (at least 1), so the
-    step-end buffers stay within the cache's own footprint (7 x B x 4 B <= 1.75 x the cache)."""
+    step-end buffers (7 fp32 buffers of B rows) stay within 1.75 x a cache of fp32 rows (3.5 x bf16)."""
     return max(1, cache_rows // 4)
 
 
@@ -72,11 +73,11 @@ def device_bound_bytes(
     u = min(vocab_size, t)  # requester: unique ids of one micro-batch
     r = shard_size * min(t, rows_local)  # owner: every requester's ids of this micro-batch owned here
     m = min(rows_local, r)  # owner: distinct rows fetched from the host
-    cast = compute_bytes if compute_bytes != 4 else 0  # the compute-dtype copy, when it is a copy
     requester = u * row * (compute_bytes + 4)
-    owner = r * row * (4 + cast) + m * row * 4
+    owner = (r + m) * row * compute_bytes
     chunk_b = max(UPDATE_CHUNK_BUFFERS, REDUCE_CHUNK_BUFFERS) * chunk * row * 4
-    return DeviceBound(cache_rows * row * 4, inflight * requester + min(inflight, prefetch_depth) * owner, chunk_b)
+    return DeviceBound(cache_rows * row * compute_bytes, inflight * requester + min(inflight, prefetch_depth) * owner,
+                       chunk_b)
 
 
 class DeviceMeter:

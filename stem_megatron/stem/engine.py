@@ -317,7 +317,7 @@ class StemTableEngine:
         self._meter = DeviceMeter() if offload == "host" else None
         self._rows = DeviceRows(init_RLF) if offload == "device" else HostRows(
             init_RLF, self.device, int(cache_rows), cache_policy, update_on=host_update, chunk_rows=chunk_rows,
-            meter=self._meter)
+            meter=self._meter, compute_dtype=compute_dtype)
         self._unadvanced: list[StemPrefetch] = []  # issued prefetches whose row all-to-all has not started
         self.exposed_wait_seconds = 0.0  # time forwards spent waiting for their rows (StemPrefetch.wait)
         self.version = 0  # bumped by every optimizer update of `weight`

@@ -3,12 +3,14 @@
 Each local row has a state: the fp32 master row [L, F], the two AdamW moments [L, F] and a step
 counter. `DeviceRows` keeps all of it in device memory (the default, `stem.offload: device`).
 `HostRows` keeps all of it in host memory (pinned when CUDA is present); the device holds a cache
-of C fp32 master rows (no moments: `row_cache.RowCache` picks them), allocated once, and the
-buffers of the reads in flight and of one step-end chunk (device_budget.py counts them):
+of C rows in the compute dtype (what a forward reads: the cast of the fp32 master, no moments;
+`row_cache.RowCache` picks them), allocated once, and the buffers of the reads in flight and of one
+step-end chunk (device_budget.py counts them):
 
 - read (forward): `begin_read(rows)` pins the requested rows' slots (hits, and misses that got a
   free or evictable slot), and starts one host gather (`HostRowStore`: worker thread, pinned
-  staging, side-stream copy) of the misses' master rows; `RowRead.rows()` waits for it, fills the
+  staging, side-stream copy) of the misses' master rows, cast to the compute dtype on the host (a
+  bf16 miss moves 2 B per element); `RowRead.rows()` waits for it, fills the
   admitted slots, copies the rows out and unpins them. Misses that found every slot pinned
   bypass the cache (served from the transfer). A slot is pinned only from admission to that copy.
 - update (optimizer): `update(idx, grads, fn)` runs `fn` (the AdamW math) over the touched rows
@@ -118,7 +120,8 @@ class HostRows:
     offload = "host"
 
     def __init__(self, weight_RLF: torch.Tensor, device, capacity: int, policy: str = "lfu",
-                 update_on: str = "device", chunk_rows: int | None = None, meter: DeviceMeter | None = None):
+                 update_on: str = "device", chunk_rows: int | None = None, meter: DeviceMeter | None = None,
+                 compute_dtype: torch.dtype = torch.float32):
         if update_on not in UPDATE_PLACES:
             raise ValueError(f"update_on must be one of {UPDATE_PLACES}, got {update_on!r}")
         n, n_layers, n_cols = weight_RLF.shape
@@ -127,13 +130,15 @@ class HostRows:
         self.host_RSLF = torch.zeros((n, 3, n_layers, n_cols), dtype=torch.float32, pin_memory=on_cuda)
         self.host_RSLF[:, 0].copy_(weight_RLF)
         self.step_R = torch.zeros(n, dtype=torch.int64, pin_memory=on_cuda)
-        # Misses move the master row only (4 B per element): moments never leave the host for a read.
-        self.store = HostRowStore(self.host_RSLF[:, 0], device=self.device)
+        # Misses move the master row only, cast to the compute dtype on the host: moments never leave
+        # the host for a read, and the cache holds exactly what a forward reads.
+        self.compute_dtype = compute_dtype
+        self.store = HostRowStore(self.host_RSLF[:, 0], device=self.device, out_dtype=compute_dtype)
         self.cache = RowCache(min(capacity, n), n, policy)
         self.meter = meter if meter is not None else DeviceMeter()
         # The one cache allocation, sized from the capacity and never grown.
-        self.slots_CLF = torch.empty((self.cache.capacity, n_layers, n_cols), dtype=torch.float32, device=self.device)
-        self.meter.add("cache", self.slots_CLF.numel() * 4)
+        self.slots_CLF = torch.empty((self.cache.capacity, n_layers, n_cols), dtype=compute_dtype, device=self.device)
+        self.meter.add("cache", self.slots_CLF.numel() * self.slots_CLF.element_size())
         self.update_on = update_on
         self.chunk_rows = chunk_rows or chunk_rows_for(self.cache.capacity)
         self._state = {"exp_avg": self.host_RSLF[:, 1], "exp_avg_sq": self.host_RSLF[:, 2], "step": self.step_R}
@@ -141,6 +146,7 @@ class HostRows:
                       "hit_rows": 0, "req_rows": 0, "hit_weight": 0.0, "req_weight": 0.0,
                       "host_updates": 0, "update_seconds": 0.0}
         self._row_bytes = n_layers * n_cols * 4  # one fp32 master row
+        self._read_row_bytes = n_layers * n_cols * self.slots_CLF.element_size()  # one row as reads move it
         self._unfinished: list[RowRead] = []
 
     @property
@@ -168,8 +174,8 @@ class HostRows:
         transfer = None
         if n_miss:
             transfer = self.store.gather(rows_K[adm.miss_K])
-            self.stats["h2d_bytes"] += n_miss * self._row_bytes
-            self.meter.add("inflight", n_miss * self._row_bytes)  # the misses' device copy
+            self.stats["h2d_bytes"] += n_miss * self._read_row_bytes
+            self.meter.add("inflight", n_miss * self._read_row_bytes)  # the misses' device copy
         read = RowRead(storage=self, adm=adm, transfer=transfer)
         read.inverse = inverse_Q
         self._unfinished.append(read)
@@ -181,7 +187,7 @@ class HostRows:
         while self._unfinished:
             r = self._unfinished.pop(0)
             r._rows, r._storage = self._finish(r), None
-            r.held_bytes = r._rows.numel() * 4
+            r.held_bytes = r._rows.numel() * r._rows.element_size()
             self.meter.add("inflight", r.held_bytes)  # until the engine has sent the rows on
             if r is read:
                 return
@@ -204,7 +210,7 @@ class HostRows:
             miss_d = miss_Q.to(self.device)
             rows_QLF[miss_d] = data_MLF.index_select(0, pos_K.index_select(0, read.inverse)[miss_Q].to(self.device))
             self.stats["gather_seconds"] = self.store.gather_seconds
-            self.meter.sub("inflight", data_MLF.numel() * 4)
+            self.meter.sub("inflight", data_MLF.numel() * data_MLF.element_size())
         self.cache.unpin(adm.slots_K)  # the rows are copied out: the slots may be reused
         read.adm = None
         return rows_QLF
@@ -254,10 +260,10 @@ class HostRows:
             slot_b = self.cache.slot_of_R.index_select(0, idx_b)
             cached_b = slot_b >= 0
             if bool(cached_b.any()):  # refresh the cached copies from the updated chunk
-                fresh = w[cached_b.to(w.device)].to(self.device)
+                fresh = w[cached_b.to(w.device)].to(self.compute_dtype).to(self.device)
                 self.slots_CLF.index_copy_(0, slot_b[cached_b].to(self.device), fresh)
                 if dev != self.device:
-                    self.stats["h2d_bytes"] += fresh.numel() * 4
+                    self.stats["h2d_bytes"] += fresh.numel() * fresh.element_size()
             for host, new in ((host_w, w), (host_m, m), (host_v, v)):
                 host.index_copy_(0, idx_b, new.to("cpu"))
             self.step_R.index_copy_(0, idx_b, step.to("cpu"))
@@ -286,7 +292,8 @@ class HostRows:
         slot_n = self.cache.slot_of_R.index_select(0, idx)
         cached = slot_n >= 0
         if bool(cached.any()):
-            self.slots_CLF.index_copy_(0, slot_n[cached].to(self.device), w_nLF[cached.to(w_nLF.device)].to(self.device))
+            self.slots_CLF.index_copy_(0, slot_n[cached].to(self.device),
+                                       w_nLF[cached.to(w_nLF.device)].to(self.compute_dtype).to(self.device))
 
     def set_rows(self, name: str, values, slot: int | None) -> None:
         """Overwrite a whole state tensor (checkpoint load, conversion); cached copies are dropped."""
