@@ -182,3 +182,33 @@ def test_a_step_touching_most_of_the_vocabulary_stays_within_the_device_bound():
     e2, touched2, _ = _one_step(2 * mbs)
     assert touched2 > touched + 300
     assert e2.offload_stats()["device_peak_bytes"] <= 1.1 * st["device_peak_bytes"]
+
+
+def _two_rank_reduce(rank, world_size, chunk_rows):
+    import torch.distributed as dist
+
+    out = {}
+    for name, kw in (("device", {}), ("host", dict(offload="host", cache_rows=16, chunk_rows=chunk_rows))):
+        e = StemTableEngine(300, [0, 1], 4, shard_group=dist.group.WORLD, deterministic=True, seed=5, **kw)
+        opt = RowSparseAdamW([e])
+        g = torch.Generator().manual_seed(10 + rank)
+        for _ in range(2):
+            for _ in range(3):
+                lk = e.lookup(torch.randint(0, 300, (2, 40), generator=g))
+                (lk.gather(1) * torch.randn(2, 40, 4, generator=g)).sum().backward()
+            e.reduce_grads()
+            out[name + "_grad"] = (e.grad_index.cpu().clone(), e.grad_values.cpu().clone())
+            opt.step(lr=1e-2)
+            opt.zero_grad()
+        out[name] = [e.weight.cpu().clone()] + [t.cpu().clone() for t in e.row_state().values()]
+    same_grad = all(torch.equal(a, b) for a, b in zip(out["device_grad"], out["host_grad"]))
+    same_state = all(torch.equal(a, b) for a, b in zip(out["device"], out["host"]))
+    return same_grad, same_state, int(out["host_grad"][0].numel())
+
+
+def test_reduce_in_rounds_equals_one_reduce_at_two_ranks():
+    """Rounds of 16 rows (bins of 8 owner-local rows, several bins per round) give the single reduce's bits."""
+    from stem_megatron.testing.distributed import run_distributed
+
+    for same_grad, same_state, n in run_distributed(_two_rank_reduce, world_size=2, args=(16,), timeout=120):
+        assert (same_grad, same_state) == (True, True) and n > 16  # more rows than one round carries

@@ -684,9 +684,6 @@ class StemTableEngine:
             count_SBG = torch.stack(all_gather_rows(count_BG.reshape(-1).to(self.device), self.shard_group, g)).cpu()
             count_SBG = count_SBG.view(g, n_bins, g)
             count_GG = count_SBG.sum(1).tolist()
-            # (bin, owner, id) order: each round is a contiguous run, owner-major inside it.
-            order_K = torch.sort(bin_K * g + owner_K, stable=True).indices
-            ids_K, grads_KLF, bin_K = ids_K[order_K], grads_KLF[order_K], bin_K[order_K]
             send_SB, recv_BG = count_SBG.sum(2), count_SBG.sum(0)  # rows each rank sends / owner gets, per bin
             idx_parts, val_parts = [], []
             start = 0
@@ -699,8 +696,10 @@ class StemTableEngine:
                 send_G = count_SBG[me, start:end].sum(0).tolist()
                 recv_G = count_SBG[:, start:end, me].sum(1).tolist()
                 start = end
-                ids_k = ids_K[sel_K].to(self.device)
-                grads_kLF = grads_KLF[sel_K].to(self.device)
+                ids_k = ids_K[sel_K]
+                perm_k = torch.sort(ids_k % g, stable=True).indices  # owner-major across the round's bins
+                ids_k = ids_k[perm_k].to(self.device)
+                grads_kLF = grads_KLF[sel_K][perm_k].to(self.device)
                 ids_R = ids_k.new_empty(sum(recv_G))
                 grads_RLF = grads_kLF.new_empty((ids_R.numel(), *shape_LF))
                 # send, receive, owner sum and its ordered-sum workspace (device_budget.REDUCE_CHUNK_BUFFERS)
@@ -726,6 +725,10 @@ class StemTableEngine:
             index_n, values_nLF, replica_sizes = self._replica_sum_chunked(index_n, values_nLF, chunk)
         self.grad_index, self.grad_values = index_n, values_nLF
         stats = reduce_traffic(count_GG, me, grad_row_bytes, index_n.numel(), replica_sizes)
+        if g > 1:  # the counts all-gather carries one count per (bin, owner), not per owner
+            extra = (g - 1) * (n_bins - 1) * g * 8
+            stats["reduce_bytes_sent"] += extra
+            stats["reduce_bytes_received"] += extra
         if shard_stats is not None:
             shard_stats.update(stats)
             stats = shard_stats
