@@ -148,7 +148,8 @@ def format_memory(cfg: ExperimentConfig, world_size: int) -> str:
                 lines.append(
                     f"           host tables on the device (bound, bytes): {st.table_device_bytes:,} = cache "
                     f"{st.table_cache_bytes:,} + {st.inflight_microbatches} micro-batches in flight "
-                    f"{st.table_inflight_bytes:,} + step-end chunk {st.table_chunk_bytes:,} ({_gib(st.table_device_bytes)})"
+                    f"{st.table_inflight_bytes:,} + step-end chunk {st.table_chunk_bytes:,} ({_gib(st.table_device_bytes)}; "
+                    "in flight = worst-case exchange buffers, every token a distinct row owned here)"
                 )
         lines.append(f"           total: device {_gib(st.device_bytes)}, host {_gib(st.host_bytes)}")
     return "\n".join(lines)

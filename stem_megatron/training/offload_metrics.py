@@ -4,8 +4,9 @@
 the step's TensorBoard scalars:
 - stem/cache_token_hit_rate: requested rows already resident, weighted by their tokens;
 - stem/cache_row_hit_rate: the same per unique row (each owner counts a micro-batch's rows once);
-- stem/h2d_bytes, stem/d2h_bytes: host-to-device (cache misses with their moments) and
-  device-to-host (write-through of updated rows) bytes this step;
+- stem/h2d_bytes, stem/d2h_bytes: host-to-device (cache misses, streamed update chunks, gradient
+  rounds) and device-to-host (row gradients leaving the device, updated state written back)
+  bytes this step;
 - stem/host_gather_s: worker time selecting rows on the host;
 - stem/exposed_wait_s: time forwards waited for their rows (host gathers and the row all-to-all);
 - stem/device_peak_bytes: host tables: the peak so far of the device bytes the engines hold (row
