@@ -33,7 +33,11 @@ VARIANTS = [("device", dict(offload="device", prefetch_depth=1))] + [
 # The default run covers TP2 x DP2 with each policy once and both depths (4 ranks on a 2-core
 # machine are slow); `make test-slow` runs the whole matrix there too.
 TP2_DEFAULT = ("device", "host_lfu_depth1", "host_lru_depth2", "host_lookahead_depth2")
-SMALL = ("device", "host_lookahead_depth1", "host_lfu_depth2_hostupdate")
+DP2_DEFAULT = tuple(name for name, _ in VARIANTS if name != "host_lfu_depth2_hostupdate")  # as before this variant
+# PP2 and shard-1 replicas: one host variant each by default (~20 s each on 2 cores), covering both
+# update places between them; `make test-slow` runs every variant there.
+PP2_DEFAULT = ("device", "host_lookahead_depth2")
+REPLICAS_DEFAULT = ("device", "host_lfu_depth2_hostupdate")
 
 
 def _trainer(layout, shard_size, stem, save=None, steps=STEPS):
@@ -121,10 +125,11 @@ def _train_variants(rank, world_size, layout, shard_size, tmp=None, names=None):
 @pytest.mark.parametrize(
     "name,world,layout,shard,names",
     [
-        ("dp2_shard2", 2, dict(), 2, None),
+        ("dp2_shard2", 2, dict(), 2, DP2_DEFAULT),
         ("tp2_dp2", 4, dict(tp=2), 2, TP2_DEFAULT),
-        ("pp2", 2, dict(pp=2), None, SMALL),
-        ("dp2_shard1_replicas2", 2, dict(), 1, SMALL),
+        ("pp2", 2, dict(pp=2), None, PP2_DEFAULT),
+        ("dp2_shard1_replicas2", 2, dict(), 1, REPLICAS_DEFAULT),
+        pytest.param("dp2_shard2_all", 2, dict(), 2, None, marks=pytest.mark.slow),
         pytest.param("tp2_dp2_all", 4, dict(tp=2), 2, None, marks=pytest.mark.slow),
         pytest.param("pp2_all", 2, dict(pp=2), None, None, marks=pytest.mark.slow),
         pytest.param("dp2_shard1_replicas2_all", 2, dict(), 1, None, marks=pytest.mark.slow),
