@@ -101,7 +101,7 @@ def test_set_rows_replaces_cached_rows_and_bumps_the_version():
 @pytest.mark.parametrize("override,key", [
     ("stem.offload=disk", "stem.offload"), ("stem.cache_policy=fifo", "stem.cache_policy"),
     ("stem.cache_rows=0", "stem.cache_rows"), ("stem.cache_fraction=1.5", "stem.cache_fraction"),
-    ("stem.prefetch_depth=0", "stem.prefetch_depth"),
+    ("stem.prefetch_depth=0", "stem.prefetch_depth"), ("stem.host_update=gpu", "stem.host_update"),
 ])
 def test_offload_config_errors_are_one_line(override, key):
     from pathlib import Path
