@@ -45,6 +45,7 @@ class ConfigWarning(UserWarning):
 STEM_RATIOS = ("one_third", "half", "all")
 STEM_OFFLOAD = ("device", "host")
 STEM_CACHE_POLICIES = ("lfu", "lru", "lookahead")
+STEM_HOST_UPDATES = ("device", "host")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
 STEM_EXCHANGES = ("flat", "hierarchical")  # stem/hierarchical.py
 STEM_EXCHANGE_SCOPES = ("microbatch", "step")  # stem/step_scope.py
@@ -317,6 +318,7 @@ class StemConfig:
     cache_rows: int | None = None  # host tables: device cache rows per engine; null = cache_fraction
     cache_fraction: float = 0.1  # host tables: cache size as a fraction of the engine's local rows
     cache_policy: str = "lfu"  # host tables: lfu | lru | lookahead
+    host_update: str = "device"  # host tables: the update streams through the device in chunks | runs on the host
     exchange: str = "flat"  # flat | hierarchical (node de-dupe first; fewer inter-node bytes)
     ranks_per_node: int | None = None  # None = the local world size (torchrun's LOCAL_WORLD_SIZE)
     exchange_scope: str = "microbatch"  # microbatch | step (one exchange of the step's union of ids)
@@ -343,12 +345,14 @@ class StemConfig:
             _require_choice("stem.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _require_choice("stem.offload", self.offload, STEM_OFFLOAD)
         _require_choice("stem.cache_policy", self.cache_policy, STEM_CACHE_POLICIES)
+        _require_choice("stem.host_update", self.host_update, STEM_HOST_UPDATES)
         _require_positive(self, s, "prefetch_depth", "cache_rows")
         if not 0 < self.cache_fraction <= 1:
             _fail("stem.cache_fraction", self.cache_fraction, "must be in (0, 1]")
         if self.offload == "host" and (self.exchange != "flat" or self.exchange_scope != "microbatch"):
-            # Host tables pin the rows each micro-batch's owner served until the step's update; the
-            # hierarchical exchange and step-scope slices serve rows outside that protocol.
+            # Host tables serve rows through the cache's pin protocol and meter a bounded set of device
+            # buffers; the hierarchical exchange serves rows inside its collective and step scope holds
+            # a step-sized buffer, both outside it.
             _fail("stem.offload", self.offload, "host tables need stem.exchange=flat and stem.exchange_scope=microbatch")
 
     def cache_rows_for(self, rows_local: int) -> int:

@@ -8,10 +8,13 @@ Counted, per pipeline stage (all TP and DP ranks of a stage hold the same amount
   moments), divided over data-parallel x context-parallel ranks with the distributed optimizer;
 - STEM tables of the stage's STEM layers: rows_local = ceil(V / G) rows x this TP rank's F / TP
   columns, fp32 master + two fp32 moments, and an int64 step counter per row and engine; with
-  `stem.offload: host` they are in host memory and the device holds the row cache
-  (cache rows x L x F / TP x 3 fp32: each cached row carries its moments).
-Not counted: activations, the step's table gradients (at most the step's unique rows), in-flight
-lookup buffers, DDP bucket and distributed-optimizer padding, CUDA context and allocator slack.
+  `stem.offload: host` they are in host memory and the device holds, per engine, the bound of
+  `stem.device_budget.device_bound_bytes`: the row cache (cache rows x L x F / TP fp32 master rows,
+  allocated once), the exchange buffers of the micro-batches in flight (prefetch depth + pipeline
+  warmup, worst case: every token a distinct row) and one step-end chunk (reduce round or update
+  chunk). The trainer meters the same buffers (`stem/device_peak_bytes`) and stays within it.
+Not counted: activations, the step's table gradients and exchange buffers of device tables,
+DDP bucket and distributed-optimizer padding, CUDA context and allocator slack.
 `train.precision: auto` is counted as bf16 (what it means on a GPU).
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stem_megatron.config import ExperimentConfig
+from stem_megatron.stem.device_budget import device_bound_bytes, inflight_microbatches
 from stem_megatron.stem.ownership import RowOwnership
 
 __all__ = ["StageMemory", "stage_memory", "format_memory"]
@@ -35,12 +39,22 @@ class StageMemory:
     stem_layers: tuple[int, ...]
     table_rows_local: int  # rows of each engine on this rank
     table_bytes: int  # fp32 rows + 2 moments + step counters (host or device, see offload)
-    table_cache_bytes: int  # device row cache (host tables), else 0
+    table_cache_bytes: int  # host tables: device row cache, else 0
     offload: str
+    table_inflight_bytes: int = 0  # host tables: exchange buffers of the micro-batches in flight (bound)
+    table_chunk_bytes: int = 0  # host tables: one step-end chunk (reduce round or update chunk)
+    inflight_microbatches: int = 0
+
+    @property
+    def table_device_bytes(self) -> int:
+        """Device bytes of the stage's tables: the whole shard, or the host tables' bound."""
+        if self.offload == "device":
+            return self.table_bytes
+        return self.table_cache_bytes + self.table_inflight_bytes + self.table_chunk_bytes
 
     @property
     def device_bytes(self) -> int:
-        tables = self.table_bytes if self.offload == "device" else self.table_cache_bytes
+        tables = self.table_device_bytes
         return self.dense_weight_bytes + self.dense_grad_bytes + self.dense_optimizer_bytes + tables
 
     @property
@@ -86,12 +100,23 @@ def stage_memory(cfg: ExperimentConfig, world_size: int) -> list[StageMemory]:
         stem_layers = tuple(i for i in layers if i in stem_set)
         engines = [c for c in _stage_chunks(cfg, stage) if stem_set.intersection(c)]
         table_b = rows_local * len(stem_layers) * (f // tp) * 12 + rows_local * 8 * len(engines)
-        cache_b = 0
+        parts = [0, 0, 0]
+        inflight = 0
         if s.offload == "host":
-            per_engine = [len(stem_set.intersection(c)) for c in engines]
-            cache_b = sum(s.cache_rows_for(rows_local) * n * (f // tp) * 12 for n in per_engine)
+            t = cfg.train
+            n_mb = t.global_batch_size // (t.micro_batch_size * dp)
+            vpp = p.virtual_pipeline_model_parallel_size or 1
+            inflight = inflight_microbatches(s.prefetch_depth, n_mb, pp, vpp)
+            for c in engines:
+                b = device_bound_bytes(
+                    cache_rows=s.cache_rows_for(rows_local), rows_local=rows_local, vocab_size=m.vocab_size,
+                    layers=len(stem_set.intersection(c)), cols=f // tp, compute_bytes=2 if bf16 else 4,
+                    shard_size=group, tokens_per_microbatch=t.micro_batch_size * m.seq_length, inflight=inflight,
+                    prefetch_depth=s.prefetch_depth,
+                )
+                parts = [parts[0] + b.cache_bytes, parts[1] + b.inflight_bytes, parts[2] + b.chunk_bytes]
         out.append(StageMemory(stage, params, weight_b, grad_b, opt_b, stem_layers, rows_local, table_b,
-                               cache_b, s.offload))
+                               parts[0], s.offload, parts[1], parts[2], inflight))
     return out
 
 
@@ -118,7 +143,13 @@ def format_memory(cfg: ExperimentConfig, world_size: int) -> str:
             lines.append(
                 f"           tables {list(st.stem_layers)}: {st.table_rows_local:,} rows x {len(st.stem_layers)} layers, "
                 f"rows + moments {_gib(st.table_bytes)} on the {where}"
-                + (f", device cache {_gib(st.table_cache_bytes)}" if st.offload == "host" else "")
             )
+            if st.offload == "host":
+                lines.append(
+                    f"           host tables on the device (bound, bytes): {st.table_device_bytes:,} = cache "
+                    f"{st.table_cache_bytes:,} + {st.inflight_microbatches} micro-batches in flight "
+                    f"{st.table_inflight_bytes:,} + step-end chunk {st.table_chunk_bytes:,} ({_gib(st.table_device_bytes)}; "
+                    "in flight = worst-case exchange buffers, every token a distinct row owned here)"
+                )
         lines.append(f"           total: device {_gib(st.device_bytes)}, host {_gib(st.host_bytes)}")
     return "\n".join(lines)

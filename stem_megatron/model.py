@@ -351,6 +351,7 @@ def stem_engine_factory(cfg: ExperimentConfig) -> Callable | None:
             offload=cfg.stem.offload,
             cache_rows=cfg.stem.cache_rows_for(rows_local),
             cache_policy=cfg.stem.cache_policy,
+            host_update=cfg.stem.host_update,
         )
 
     return factory

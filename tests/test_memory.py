@@ -4,6 +4,7 @@ stem_1b: V = 128,256, h = 2048, 32 heads of 64 in 8 query groups (QKV 2048 x 307
 16 layers, STEM layers [1, 4, 8, 11, 14], untied embeddings, RMSNorm, bf16, distributed optimizer.
 Bytes per dense parameter: bf16 weight 2 + fp32 gradient 4 + (fp32 main 4 + two moments 8) / DP.
 Tables: fp32 row + two moments = 12 bytes per element, plus an 8-byte step counter per row.
+Host tables: the device bound of stem/device_budget.py, counted by hand below.
 """
 
 from pathlib import Path
@@ -59,8 +60,17 @@ def test_stem_1b_tp2_pp2_dp2(offload):
         if offload == "device":
             assert (st.device_bytes, st.host_bytes) == (dense + tables, 0)
         else:
-            assert st.table_cache_bytes == cache_rows * n_stem * 4096 * 12
-            assert (st.device_bytes, st.host_bytes) == (dense + cache_rows * n_stem * 4096 * 12, tables)
+            # Host tables' device bound: bf16 rows in the cache; 5 micro-batches in flight (prefetch depth 1
+            # + (PP 2 + 1) warmup + 1 being folded); each: the requester's 4,096 rows in bf16 + an fp32
+            # gradient; one owner read (depth 1): 2 x 4,096 requested rows and up to 8,192 misses, in bf16;
+            # one step-end chunk: 7 fp32 buffers of cache_rows // 4 rows.
+            row = n_stem * 4096
+            assert st.table_cache_bytes == cache_rows * row * 2
+            assert st.inflight_microbatches == 5
+            assert st.table_inflight_bytes == 5 * 4096 * row * (2 + 4) + 8192 * row * 2 + 8192 * row * 2
+            assert st.table_chunk_bytes == 7 * (cache_rows // 4) * row * 4
+            bound = st.table_cache_bytes + st.table_inflight_bytes + st.table_chunk_bytes
+            assert (st.device_bytes, st.host_bytes) == (dense + bound, tables)
 
 
 def test_dry_run_prints_memory_per_rank(capsys):
@@ -70,5 +80,8 @@ def test_dry_run_prints_memory_per_rank(capsys):
     out = capsys.readouterr().out
     assert format_memory(load_config(CONFIG), 8) in out
     assert "dense 1,414,596,608 params" in out and "16,032 rows x 5 layers" in out
+    assert main(["--config", str(CONFIG), "--dry-run", "--world-size", "8", "stem.offload=host"]) == 0
+    (st,) = stage_memory(load_config(CONFIG, ["stem.offload=host"]), 8)
+    assert f"host tables on the device (bound, bytes): {st.table_device_bytes:,} = cache" in capsys.readouterr().out
     assert main(["--config", str(CONFIG), "--dry-run", "--world-size", "7"]) == 2
     assert "world_size" in capsys.readouterr().err

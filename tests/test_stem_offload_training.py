@@ -1,12 +1,15 @@
 """Host tables (`stem.offload: host`) with a device row cache train bitwise like device tables.
 
 Deterministic mode, a cache of 4 rows per engine (far fewer than the rows a step touches, so rows
-are evicted between and within steps), one micro-batch of 1 sequence per forward (4 per rank and
-step). For DP2 with tables sharded over 2 ranks and for TP2 x DP2 (shard 2, replicas 2), every
-cache policy and prefetch depths 1 and 2: per-step losses and gradient norms, and after the last
-step the dense weights, table rows, moments and step counters equal the device-table run exactly.
-Under this eviction pressure no pinned row is evicted, and every row the optimizer updates was
-still in the cache (rows touched only by another replica excepted, which are read from the host).
+are evicted between and within steps, and misses bypass the cache when every slot is pinned), one
+micro-batch of 1 sequence per forward (4 per rank and step), reduce rounds and update chunks of
+1 row. Layouts: DP2 with tables sharded over 2 ranks, TP2 x DP2 (shard 2, replicas 2), PP2, and
+DP2 with shard size 1 (2 replicas: each rank updates rows only the other replica touched, from
+the all-reduced gradient alone). Every cache policy, prefetch depths 1 and 2, updates streamed
+through the device and on the host: per-step losses and gradient norms, and after the last step
+the dense weights, table rows, moments and step counters equal the device-table run exactly.
+No pinned row is evicted, the cache allocation is the configured 4 rows, and the metered peak of
+device bytes stays within the dry run's bound for the rank's stage (memory.py).
 
 Checkpoints: a run saved after 2 steps with host tables and resumed with device tables, and the
 reverse, give the per-step losses of the uninterrupted run (the DP2 world runs these too, to
@@ -25,10 +28,16 @@ VARIANTS = [("device", dict(offload="device", prefetch_depth=1))] + [
     (f"host_{policy}_depth{depth}", dict(offload="host", cache_rows=CACHE_ROWS, cache_policy=policy, prefetch_depth=depth))
     for policy in ("lfu", "lru", "lookahead")
     for depth in (1, 2)
-]
+] + [("host_lfu_depth2_hostupdate", dict(offload="host", cache_rows=CACHE_ROWS, cache_policy="lfu", prefetch_depth=2,
+                                          host_update="host"))]
 # The default run covers TP2 x DP2 with each policy once and both depths (4 ranks on a 2-core
 # machine are slow); `make test-slow` runs the whole matrix there too.
 TP2_DEFAULT = ("device", "host_lfu_depth1", "host_lru_depth2", "host_lookahead_depth2")
+DP2_DEFAULT = tuple(name for name, _ in VARIANTS if name != "host_lfu_depth2_hostupdate")  # as before this variant
+# PP2 and shard-1 replicas: one host variant each by default (~20 s each on 2 cores), covering both
+# update places between them; `make test-slow` runs every variant there.
+PP2_DEFAULT = ("device", "host_lookahead_depth2")
+REPLICAS_DEFAULT = ("device", "host_lfu_depth2_hostupdate")
 
 
 def _trainer(layout, shard_size, stem, save=None, steps=STEPS):
@@ -85,12 +94,20 @@ def _train_variants(rank, world_size, layout, shard_size, tmp=None, names=None):
         if names is not None and name not in names:
             continue
         trainer = _trainer(layout, shard_size, stem)
-        steps = [(r.loss, r.grad_norm) for r in (trainer.train_step() for _ in range(STEPS))]
+        steps, replica_only = [], 0
+        for _ in range(STEPS):
+            r = trainer.train_step()
+            steps.append((r.loss, r.grad_norm))
+            replica_only += sum(e.stats.get("replica_only_rows", 0) for e in trainer.engines)
         tensors = [p.detach().clone() for c in trainer.chunks for p in c.parameters()]
         for e in trainer.engines:
             tensors.append(e.weight.detach().cpu().clone())
             tensors += [v.detach().cpu().clone() for v in e.row_state().values()]
         stats = [e.offload_stats() for e in trainer.engines]
+        for st in stats:
+            st["replica_only"] = replica_only
+            st["device_bound"] = trainer.offload_meter.device_bound_bytes  # the dry run's, this stage
+            st["device_peak_sum"] = sum(x.get("device_peak_bytes", 0) for x in stats)
         replicas = trainer.engines[0].num_replicas
         out[name] = (steps, tensors, stats, replicas, sum(c.stem_prefetch_hits for c in trainer.chunks))
         parallel_state.destroy_model_parallel()
@@ -106,16 +123,21 @@ def _train_variants(rank, world_size, layout, shard_size, tmp=None, names=None):
 
 
 @pytest.mark.parametrize(
-    "name,world,layout,names",
+    "name,world,layout,shard,names",
     [
-        ("dp2_shard2", 2, dict(), None),
-        ("tp2_dp2", 4, dict(tp=2), TP2_DEFAULT),
-        pytest.param("tp2_dp2_all", 4, dict(tp=2), None, marks=pytest.mark.slow),
+        ("dp2_shard2", 2, dict(), 2, DP2_DEFAULT),
+        ("tp2_dp2", 4, dict(tp=2), 2, TP2_DEFAULT),
+        ("pp2", 2, dict(pp=2), None, PP2_DEFAULT),
+        ("dp2_shard1_replicas2", 2, dict(), 1, REPLICAS_DEFAULT),
+        pytest.param("dp2_shard2_all", 2, dict(), 2, None, marks=pytest.mark.slow),
+        pytest.param("tp2_dp2_all", 4, dict(tp=2), 2, None, marks=pytest.mark.slow),
+        pytest.param("pp2_all", 2, dict(pp=2), None, None, marks=pytest.mark.slow),
+        pytest.param("dp2_shard1_replicas2_all", 2, dict(), 1, None, marks=pytest.mark.slow),
     ],
 )
-def test_host_tables_train_bitwise_like_device_tables(name, world, layout, names, tmp_path):
+def test_host_tables_train_bitwise_like_device_tables(name, world, layout, shard, names, tmp_path):
     tmp = str(tmp_path) if name == "dp2_shard2" else None
-    results = run_distributed(_train_variants, world_size=world, args=(layout, 2, tmp, names), timeout=600)
+    results = run_distributed(_train_variants, world_size=world, args=(layout, shard, tmp, names), timeout=600)
     if tmp is not None:
         ckpt = results[0].pop("checkpoints")
         ref = ckpt["uninterrupted"]
@@ -138,6 +160,9 @@ def test_host_tables_train_bitwise_like_device_tables(name, world, layout, names
                 assert st["evictions"] > 0, f"{where}: no eviction, the cache was not under pressure"
                 assert st["evicted_pinned"] == 0, f"{where}: a pinned row was evicted"
                 assert st["hit_rows"] > 0 and st["hit_rows"] < st["req_rows"], f"{where}: {st}"
-                assert st["h2d_bytes"] > 0 and st["d2h_bytes"] > 0
-                if replicas == 1:
-                    assert st["host_updates"] == 0, f"{where}: {st['host_updates']} updated rows had left the cache"
+                assert st["h2d_bytes"] > 0 and st["host_updates"] > 0
+                assert st["cache_slots"] == CACHE_ROWS, f"{where}: the cache allocation grew to {st['cache_slots']}"
+                assert 0 < st["device_peak_sum"] <= st["device_bound"], (
+                    f"{where}: device peak {st['device_peak_sum']} B over the dry run's bound {st['device_bound']} B")
+                if replicas > 1:  # the path for rows only the other replica touched ran
+                    assert st["replica_only"] > 0, f"{where}: no row was touched only on the other replica"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from stem_megatron.stem.device_budget import REDUCE_CHUNK_BUFFERS, DeviceMeter
 from stem_megatron.stem.exchange import (
     ID_EXCHANGES,
     StemIndexError,
@@ -52,7 +53,7 @@ from stem_megatron.stem.hierarchical import (
 )
 from stem_megatron.stem.ownership import RowOwnership
 from stem_megatron.stem.row_cache import CACHE_POLICIES
-from stem_megatron.stem.row_storage import OFFLOAD_MODES, DeviceRows, HostRows
+from stem_megatron.stem.row_storage import OFFLOAD_MODES, UPDATE_PLACES, DeviceRows, HostRows
 from stem_megatron.stem.segment import SegmentPlan, index_sum, unique_sum
 from stem_megatron.stem.step_scope import step_prefetches
 from stem_megatron.stem.table_init import default_init_std, fill_table_rows
@@ -135,6 +136,7 @@ class StemLookup:
         self._deterministic = deterministic
         self._segment_plans: list[tuple[torch.Tensor, SegmentPlan]] = []
         self._grad_ULF: torch.Tensor | None = None  # fp32, allocated by the first gather backward
+        self._metered = 0  # host tables: device bytes of this lookup in the engine's meter, until folded
 
     def _add_grad(self, slot: int, grad_UF: torch.Tensor) -> None:
         if self._grad_ULF is None:
@@ -227,6 +229,8 @@ class StemTableEngine:
         offload: str = "device",
         cache_rows: int | None = None,
         cache_policy: str = "lfu",
+        host_update: str = "device",
+        chunk_rows: int | None = None,
     ):
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
@@ -247,6 +251,8 @@ class StemTableEngine:
         if offload == "host" and (cache_rows is None or cache_rows < 1 or cache_policy not in CACHE_POLICIES):
             raise ValueError(f"host tables need cache_rows >= 1 and a cache_policy in {CACHE_POLICIES}, "
                              f"got {cache_rows}, {cache_policy!r}")
+        if host_update not in UPDATE_PLACES:
+            raise ValueError(f"host_update must be one of {UPDATE_PLACES}, got {host_update!r}")
         if offload == "host" and exchange == "hierarchical":
             # The hierarchical owner serves rows inside its collective (hierarchical.py), outside the
             # host cache's pin/advance protocol: not combined yet.
@@ -307,10 +313,12 @@ class StemTableEngine:
         )
         # Row storage (row_storage.py): device memory, or host memory with a device row cache.
         self.offload = offload
+        # Host tables meter the device bytes they hold (device_budget.py): cache, in-flight, chunks.
+        self._meter = DeviceMeter() if offload == "host" else None
         self._rows = DeviceRows(init_RLF) if offload == "device" else HostRows(
-            init_RLF, self.device, int(cache_rows), cache_policy)
+            init_RLF, self.device, int(cache_rows), cache_policy, update_on=host_update, chunk_rows=chunk_rows,
+            meter=self._meter, compute_dtype=compute_dtype)
         self._unadvanced: list[StemPrefetch] = []  # issued prefetches whose row all-to-all has not started
-        self._held: list[tuple[StemLookup, object]] = []  # (lookup, owner-side RowRead) pinned until reduced
         self.exposed_wait_seconds = 0.0  # time forwards spent waiting for their rows (StemPrefetch.wait)
         self.version = 0  # bumped by every optimizer update of `weight`
         self.grad_index: torch.Tensor | None = None
@@ -364,8 +372,7 @@ class StemTableEngine:
         [rows_local, F] for one `slot`; step: [rows_local]), e.g. from a checkpoint. Bumps the version."""
         if name not in ("weight", "exp_avg", "exp_avg_sq", "step"):
             raise ValueError(f"unknown row state {name!r}")
-        self._release_reduced()  # rows of already reduced lookups need no pin any more
-        if self.offload == "host" and (self._held or self._unadvanced):
+        if self.offload == "host" and (self._unadvanced or self._rows.reads_in_flight):
             raise RuntimeError("set_rows on host tables with lookups in flight (their cached rows would go stale)")
         with torch.no_grad():
             self._rows.set_rows(name, values, slot)
@@ -435,8 +442,7 @@ class StemTableEngine:
             )
             return StemPrefetch(
                 self,
-                lambda: self._complete(read.rows().to(self.compute_dtype), None, inverse_N, ids.shape,
-                                       unique_U, stats, read),
+                lambda: self._complete(self._served(read), None, inverse_N, ids.shape, unique_U, stats, read),
             )
 
         if self.exchange == "hierarchical":
@@ -472,8 +478,9 @@ class StemTableEngine:
         sent: dict = {}
 
         def start_rows():
-            served_RLF = read.rows().to(self.compute_dtype)
+            served_RLF = self._served(read)
             sent["rows"] = served_RLF.new_empty((unique_U.numel(), *served_RLF.shape[1:]))
+            self._meter_add("inflight", sent["rows"])  # the requester's rows, until folded
             sent["work"] = dist.all_to_all_single(
                 sent["rows"], served_RLF, send_G, recv_G, group=self.shard_group, async_op=True
             )
@@ -491,6 +498,22 @@ class StemTableEngine:
         if self.offload == "device":  # rows are ready: start their return now, as before
             self._advance_through(handle)
         return handle
+
+    def _meter_add(self, part: str, t: torch.Tensor) -> int:
+        """Host tables: count a device buffer (its bytes, returned) in the meter; 0 otherwise."""
+        if self._meter is None:
+            return 0
+        n = t.numel() * t.element_size()
+        self._meter.add(part, n)
+        return n
+
+    def _served(self, read) -> torch.Tensor:
+        """The owner's rows of a read in the compute dtype (the cast copy is metered with the read)."""
+        rows_RLF = read.rows()
+        served_RLF = rows_RLF.to(self.compute_dtype)
+        if served_RLF is not rows_RLF:
+            read.held_bytes += self._meter_add("inflight", served_RLF)
+        return served_RLF
 
     def _serve_rows(self, req_R: torch.Tensor) -> torch.Tensor:
         """The owner side of an exchange: rows of the global ids req_R (all owned here), compute dtype."""
@@ -541,14 +564,21 @@ class StemTableEngine:
             work.wait()
         rows_ULF = rows_ULF.detach().requires_grad_(torch.is_grad_enabled())
         lk = StemLookup(rows_ULF, inverse_N.view(shape), unique_U, stats, self.deterministic)
+        if self._meter is not None:
+            # The owner's side of this read is done (its rows were sent); the requester's rows (and
+            # fp32 gradient accumulator, allocated by the first backward) stay until folded.
+            counted = read is not None and self.layout.shard_size > 1  # start_rows metered the receive buffer
+            if read is not None:
+                self._rows.release(read)
+            lk._metered = rows_ULF.numel() * rows_ULF.element_size() if counted else self._meter_add("inflight", rows_ULF)
+            if rows_ULF.requires_grad:
+                lk._metered += rows_ULF.numel() * 4
+                self._meter.add("inflight", rows_ULF.numel() * 4)
+            else:  # no gradient to fold: the caller owns the rows from here
+                self._meter.sub("inflight", lk._metered)
+                lk._metered = 0
         if rows_ULF.requires_grad:
             self._pending.append(lk)
-            # The rows this owner served stay pinned in its cache until the step's gradients are
-            # reduced and applied (the update reads them there); released by zero_grad.
-            if read is not None:
-                self._held.append((lk, read))
-        elif read is not None:
-            self._rows.release(read)
         self.stats.update(stats)
         return lk
 
@@ -568,6 +598,9 @@ class StemTableEngine:
         local rows touched anywhere in the replica x shard group, int64) and `grad_values`
         (fp32 [n, L, F]); replicas end with identical values. Clears the pending lookups.
         """
+        if self.offload == "host":
+            with torch.no_grad():
+                return self._reduce_grads_host()
         lay = self.layout
         g, me = lay.shard_size, lay.shard_rank
         shape_LF = (len(lay.layer_ids), lay.cols_local)
@@ -618,6 +651,115 @@ class StemTableEngine:
             stats = shard_stats
         self.stats.update(stats)
 
+    def _reduce_grads_host(self) -> None:
+        """`reduce_grads` for host tables, in rounds of at most `chunk_rows` gradient rows per rank.
+
+        The same sums as the device path (bitwise in deterministic mode): every id's contributions
+        still arrive in one all-to-all, in shard-rank order, and are summed by `owner_sum`; only
+        which ids travel together changes. Rounds cover runs of owner-local rows (bins of
+        `chunk_rows // G` local rows, packed while every rank sends and receives at most
+        `chunk_rows` rows), so each rank's device buffers stay within one round. The fold (this
+        rank's step gradient) and the result (`grad_index`, `grad_values`: local rows, fp32 [n, L, F])
+        are in host memory.
+        """
+        lay = self.layout
+        g, me = lay.shard_size, lay.shard_rank
+        shape_LF = (len(lay.layer_ids), lay.cols_local)
+        grad_row_bytes = shape_LF[0] * shape_LF[1] * 4
+        self.fold_completed(len(self._pending))
+        if self._folded is None:
+            ids_K = torch.empty(0, dtype=torch.int64)
+            grads_KLF = torch.empty(0, *shape_LF, dtype=torch.float32)
+        else:
+            ids_K, grads_KLF = self._folded
+        self._folded = None
+        chunk = self._rows.chunk_rows
+        shard_stats = None
+        if g > 1:
+            width = max(1, chunk // g)
+            n_bins = -(-lay.rows_local // width)
+            bin_K, owner_K = (ids_K // g) // width, ids_K % g
+            count_BG = torch.zeros(n_bins * g, dtype=torch.int64).index_add_(
+                0, bin_K * g + owner_K, torch.ones_like(ids_K)).view(n_bins, g)
+            count_SBG = torch.stack(all_gather_rows(count_BG.reshape(-1).to(self.device), self.shard_group, g)).cpu()
+            count_SBG = count_SBG.view(g, n_bins, g)
+            count_GG = count_SBG.sum(1).tolist()
+            send_SB, recv_BG = count_SBG.sum(2), count_SBG.sum(0)  # rows each rank sends / owner gets, per bin
+            idx_parts, val_parts = [], []
+            start = 0
+            while start < n_bins:
+                end = start + 1  # one bin always fits: at most `width` local rows per owner from each rank
+                while (end < n_bins and int(send_SB[:, start : end + 1].sum(1).max()) <= chunk
+                       and int(recv_BG[start : end + 1].sum(0).max()) <= chunk):
+                    end += 1
+                sel_K = (bin_K >= start) & (bin_K < end)
+                send_G = count_SBG[me, start:end].sum(0).tolist()
+                recv_G = count_SBG[:, start:end, me].sum(1).tolist()
+                start = end
+                ids_k = ids_K[sel_K]
+                perm_k = torch.sort(ids_k % g, stable=True).indices  # owner-major across the round's bins
+                ids_k = ids_k[perm_k].to(self.device)
+                grads_kLF = grads_KLF[sel_K][perm_k].to(self.device)
+                ids_R = ids_k.new_empty(sum(recv_G))
+                grads_RLF = grads_kLF.new_empty((ids_R.numel(), *shape_LF))
+                # send, receive, owner sum and its ordered-sum workspace (device_budget.REDUCE_CHUNK_BUFFERS)
+                held = REDUCE_CHUNK_BUFFERS * max(ids_k.numel(), ids_R.numel()) * grad_row_bytes
+                self._meter.add("chunk", held)
+                dist.all_to_all_single(ids_R, ids_k, recv_G, send_G, group=self.shard_group)
+                dist.all_to_all_single(grads_RLF, grads_kLF, recv_G, send_G, group=self.shard_group)
+                idx_r, vals_rLF = owner_sum(ids_R, grads_RLF, recv_G, self.node_map, self.deterministic)
+                idx_parts.append(idx_r.cpu())
+                val_parts.append(vals_rLF.cpu())
+                self._meter.sub("chunk", held)
+                if self.device.type != "cpu":
+                    self._rows.stats["h2d_bytes"] += grads_kLF.numel() * 4
+                    self._rows.stats["d2h_bytes"] += vals_rLF.numel() * 4
+            index_n, values_nLF = torch.cat(idx_parts), torch.cat(val_parts)
+            if self.node_map is not None:
+                shard_stats = reduce_stats(flat_reduce_traffic(count_GG, me, grad_row_bytes, self.node_map))
+        else:
+            count_GG = [[ids_K.numel()]]
+            index_n, values_nLF = ids_K, grads_KLF
+        replica_sizes = [index_n.numel()]
+        if self.replica_group is not None:
+            index_n, values_nLF, replica_sizes = self._replica_sum_chunked(index_n, values_nLF, chunk)
+        self.grad_index, self.grad_values = index_n, values_nLF
+        stats = reduce_traffic(count_GG, me, grad_row_bytes, index_n.numel(), replica_sizes)
+        if g > 1:  # the counts all-gather carries one count per (bin, owner), not per owner
+            extra = (g - 1) * (n_bins - 1) * g * 8
+            stats["reduce_bytes_sent"] += extra
+            stats["reduce_bytes_received"] += extra
+        if shard_stats is not None:
+            shard_stats.update(stats)
+            stats = shard_stats
+        self.stats.update(stats)
+
+    def _replica_sum_chunked(self, index_n, values_nLF, chunk: int):
+        """`_replica_sum` with host-memory rows: the union's all-reduce runs in device chunks of
+        `chunk` rows (element-wise sums: the same bits as one all-reduce of the whole union)."""
+        r, group = self.num_replicas, self.replica_group
+        count = torch.tensor([index_n.numel()], dtype=torch.int64, device=self.device)
+        sizes = [int(c.item()) for c in all_gather_rows(count, group, r)]
+        padded = torch.full((max(sizes),), -1, dtype=torch.int64, device=self.device)
+        padded[: index_n.numel()] = index_n.to(self.device)
+        union = torch.unique(torch.cat(all_gather_rows(padded, group, r))).cpu()
+        union = union[union >= 0]
+        # rows touched only on other replicas: updated here from their gradients alone (counter for tests)
+        self.stats["replica_only_rows"] = int(union.numel() - index_n.numel())
+        pos_n = torch.searchsorted(union, index_n)
+        out_nLF = values_nLF.new_zeros((union.numel(), *values_nLF.shape[1:]))
+        row_bytes = values_nLF[0:1].numel() * 4
+        for a in range(0, union.numel(), chunk):
+            b = min(chunk, union.numel() - a)
+            mine = (pos_n >= a) & (pos_n < a + b)
+            buf_bLF = torch.zeros((b, *values_nLF.shape[1:]), dtype=torch.float32, device=self.device)
+            self._meter.add("chunk", 2 * b * row_bytes)  # the buffer and this rank's rows on their way in
+            buf_bLF.index_copy_(0, (pos_n[mine] - a).to(self.device), values_nLF[mine].to(self.device))
+            dist.all_reduce(buf_bLF, group=group)
+            out_nLF[a : a + b] = buf_bLF.cpu()
+            self._meter.sub("chunk", 2 * b * row_bytes)
+        return union, out_nLF, sizes
+
     def _replica_sum(self, index_n, values_nLF):
         """Union of touched rows over the replica group, summed by one all-reduce of the union."""
         r, group = self.num_replicas, self.replica_group
@@ -641,13 +783,18 @@ class StemTableEngine:
         not by the sum over micro-batches. `reduce_grads` folds whatever is left.
         """
         done, self._pending = self._pending[:n], self._pending[n:]
+        # Host tables fold into host memory: the device keeps no step-sized gradient buffer.
+        to = torch.device("cpu") if self.offload == "host" else None
         with torch.no_grad():
             keys, vals = [], []
             for lk in done:
                 grad_ULF = lk.take_grad()  # fp32 sums: no rounding to the compute dtype on the way
                 if grad_ULF is not None:
-                    keys.append(lk.unique_ids)
-                    vals.append(grad_ULF)
+                    keys.append(lk.unique_ids if to is None else lk.unique_ids.to(to))
+                    vals.append(grad_ULF if to is None else grad_ULF.to(to))
+                    if to is not None and self.device.type != "cpu":
+                        self._rows.stats["d2h_bytes"] += grad_ULF.numel() * 4
+                self._unmeter(lk)
             if not keys:
                 return
             if self._folded is not None:
@@ -663,28 +810,31 @@ class StemTableEngine:
                     self.fold_completed(i)
                 return
 
-    def zero_grad(self) -> None:
-        """Drop the reduced gradient (pending lookups are kept: they belong to the coming step) and
-        unpin the cached rows of lookups whose gradients were reduced."""
-        self.grad_index, self.grad_values = None, None
-        self._release_reduced()
+    def _unmeter(self, lk: StemLookup) -> None:
+        if self._meter is not None and lk._metered:
+            self._meter.sub("inflight", lk._metered)
+            lk._metered = 0
 
-    def _release_reduced(self) -> None:
-        pending = {id(lk) for lk in self._pending}
-        keep = []
-        for lk, read in self._held:
-            if id(lk) in pending:
-                keep.append((lk, read))
-            else:
-                self._rows.release(read)
-        self._held = keep
-        self._rows.after_release()
+    def zero_grad(self) -> None:
+        """Drop the reduced gradient (pending lookups are kept: they belong to the coming step)."""
+        self.grad_index, self.grad_values = None, None
 
     def discard_pending(self) -> None:
         """Forget lookups made with grad enabled whose gradients will never be reduced."""
+        for lk in self._pending:
+            self._unmeter(lk)
         self._pending = []
         self._folded = None
-        self._release_reduced()
+
+    def apply_update(self, fn) -> None:
+        """Run the optimizer's row update `fn(w, m, v, step, g) -> (w, m, v, step)` on the touched rows
+        (grad_index / grad_values) wherever they live, then bump the version (every rank, touched
+        rows or not: rows it prefetched from other owners are stale after their update too).
+        Device tables: one piece on the device. Host tables: chunks (row_storage.HostRows.update)."""
+        if self.grad_index is not None and self.grad_index.numel():
+            with torch.no_grad():
+                self._rows.update(self.grad_index, self.grad_values, fn)
+        self.mark_updated()
 
     @property
     def num_pending(self) -> int:
@@ -728,8 +878,8 @@ def table_grad_sq_norm(engines: list[StemTableEngine], group=None, device=None) 
         )
     total = torch.zeros((), dtype=torch.float64, device=device)
     for e in engines:
-        if e.replica_rank == 0 and e.grad_values is not None:
-            total += e.grad_values.double().pow(2).sum()
+        if e.replica_rank == 0 and e.grad_values is not None:  # host tables: summed in host memory
+            total += e.grad_values.double().pow(2).sum().to(device)
     if dist.is_initialized():
         dist.all_reduce(total, group=group)
     return total.float()

@@ -20,9 +20,34 @@ like the engine's rows. Legend: n touched rows, L layers, F local columns.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from stem_megatron.stem.engine import StemTableEngine
+
+
+def adamw_rows(w_nLF, m_nLF, v_nLF, step_n, g_nLF, *, lr, betas, eps, weight_decay, grad_scale):
+    """One lazy AdamW update of n rows (in place on w, m, v; returns them and the new steps).
+
+    Element-wise except the per-row bias corrections, so any split of the rows into chunks gives
+    the same bits. Temporaries: the scaled gradient, the denominator and the step term
+    (device_budget.UPDATE_CHUNK_BUFFERS counts them with w, m, v and g).
+    """
+    beta1, beta2 = betas
+    g_nLF = g_nLF if grad_scale == 1.0 else g_nLF * grad_scale
+    step_n = step_n + 1
+    if weight_decay:
+        w_nLF.mul_(1.0 - lr * weight_decay)
+    m_nLF.lerp_(g_nLF, 1.0 - beta1)
+    v_nLF.mul_(beta2).addcmul_(g_nLF, g_nLF, value=1.0 - beta2)
+    steps = step_n.double()
+    bc1_n = 1.0 - torch.pow(beta1, steps)
+    bc2_sqrt_n = torch.sqrt(1.0 - torch.pow(beta2, steps))
+    neg_step_size_n11 = (-lr / bc1_n).float().view(-1, 1, 1)
+    denom_nLF = (v_nLF.sqrt() / bc2_sqrt_n.float().view(-1, 1, 1)).add_(eps)
+    w_nLF.addcdiv_(m_nLF * neg_step_size_n11, denom_nLF)  # the operation order of torch's AdamW
+    return w_nLF, m_nLF, v_nLF, step_n
 
 
 class RowSparseAdamW:
@@ -54,30 +79,12 @@ class RowSparseAdamW:
     @torch.no_grad()
     def step(self, lr: float, grad_scale: float = 1.0) -> None:
         """AdamW on the touched rows of every engine (after engine.reduce_grads())."""
-        beta1, beta2 = self.betas
+        fn = functools.partial(adamw_rows, lr=lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
+                               grad_scale=grad_scale)
         for e in self.engines:
-            if e.grad_index is None or e.grad_index.numel() == 0:
-                # Every rank bumps the version, touched rows or not: rows it prefetched from other owners
-                # are stale after their update too, and the staleness check must agree across ranks.
-                e.mark_updated()
-                continue
-            idx_n = e.grad_index
-            g_nLF = e.grad_values if grad_scale == 1.0 else e.grad_values * grad_scale
-            # Host tables: the touched rows are in the device cache (pinned since their lookup), so
-            # the update runs on the device and writes through to the host (row_storage.py).
-            w_nLF, m_nLF, v_nLF, step_n = e.read_row_state(idx_n)
-            step_n = step_n + 1
-            if self.weight_decay:
-                w_nLF.mul_(1.0 - lr * self.weight_decay)
-            m_nLF.lerp_(g_nLF, 1.0 - beta1)
-            v_nLF.mul_(beta2).addcmul_(g_nLF, g_nLF, value=1.0 - beta2)
-            steps = step_n.double()
-            bc1_n = 1.0 - torch.pow(beta1, steps)
-            bc2_sqrt_n = torch.sqrt(1.0 - torch.pow(beta2, steps))
-            neg_step_size_n11 = (-lr / bc1_n).float().view(-1, 1, 1)
-            denom_nLF = (v_nLF.sqrt() / bc2_sqrt_n.float().view(-1, 1, 1)).add_(self.eps)
-            w_nLF.addcdiv_(m_nLF * neg_step_size_n11, denom_nLF)  # the operation order of torch's AdamW
-            e.write_row_state(idx_n, w_nLF, m_nLF, v_nLF, step_n)  # bumps the version
+            # Device tables: one piece on the device. Host tables: chunks, streamed through the device
+            # or on the host (row_storage.HostRows.update). Every rank bumps the version.
+            e.apply_update(fn)
 
     def state_dict(self) -> dict:
         """This rank's shard of the optimizer state, with each engine's layout for checking on load."""

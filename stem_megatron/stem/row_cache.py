@@ -1,8 +1,8 @@
 """Which table rows stay in a device cache: slot map, pin counts and eviction policies.
 
 Bookkeeping only (no row data): `RowCache` maps local row ids to cache slots, counts how many
-in-flight micro-batches pin each slot, and picks victims among unpinned slots. The storage that
-moves the row data (host_rows.py) and the offline hit-rate benchmark share it, so the benchmark
+reads in flight pin each slot, and picks victims among unpinned slots. The storage that moves
+the row data (row_storage.py) and the offline hit-rate benchmark share it, so the benchmark
 measures the policies the trainer runs.
 
 Policies (lowest score is evicted first):
@@ -12,11 +12,12 @@ Policies (lowest score is evicted first):
 - `lookahead`: rows whose next use is known (ids of prefetched micro-batches and of the rest of
   the step, given by `announce`) are kept by nearness of that use (Belady within the window);
   rows without a known use fall back to their LFU count.
-A pinned slot (a micro-batch in flight reads it, or its gradient is not yet reduced) is never a
-victim. When the rows of the micro-batches in flight exceed `capacity`, the cache grows past
-it (those are the buffers of micro-batches in flight) and shrinks back once they are unpinned.
+A pinned slot (a read in flight has not copied it out yet) is never a victim. The number of slots
+is fixed at `capacity`, so the device allocation behind it is sized once: a miss that finds no
+free or unpinned slot *bypasses* the cache (slot -1; the storage serves it from its transfer
+buffer, an in-flight buffer of that micro-batch, and does not keep it).
 
-Legend: K rows of one request, C cache slots (capacity plus overflow), R rows in the table.
+Legend: K rows of one request, C cache slots (= capacity), R rows in the table.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ _KNOWN = 2.0**50  # lookahead: a row with a known next use outranks every LFU co
 class Admission:
     """The result of `RowCache.admit`: every requested row has a pinned slot."""
 
-    slots_K: torch.Tensor  # int64 slot of each requested row
-    miss_K: torch.Tensor  # bool: the row was not resident and must be filled
+    slots_K: torch.Tensor  # int64 slot of each requested row; -1: a miss that bypasses the cache
+    miss_K: torch.Tensor  # bool: the row was not resident and must be fetched
     evicted: torch.Tensor  # int64 row ids dropped from the cache to make room
 
 
@@ -56,7 +57,8 @@ class RowCache:
         self.clock = 0
         self._next_after: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         self.evicted_pinned = 0  # invariant counter: must stay 0 (checked by tests)
-        self.evictions = 0  # rows dropped to make room or to shrink back to capacity
+        self.evictions = 0  # rows dropped to make room
+        self.bypassed = 0  # misses served without a slot (every slot pinned by reads in flight)
 
     # ---------------------------------------------------------------- policy inputs
     def tick(self) -> None:
@@ -96,7 +98,8 @@ class RowCache:
         return torch.where(known, _KNOWN - nxt, self.count_R[rows])
 
     def admit(self, rows_K: torch.Tensor, weights_K: torch.Tensor | None = None) -> Admission:
-        """Give every row of `rows_K` (unique local ids) a slot and pin it; misses need filling.
+        """Give every row of `rows_K` (unique local ids) a slot if one is free or evictable, and pin it;
+        misses need fetching (those left with slot -1 bypass the cache).
 
         weights_K: uses per row (token counts) for LFU; 1 each if None.
         """
@@ -128,17 +131,15 @@ class RowCache:
                     evicted = self.row_of_C[victims]
                     self._drop(victims)
                     free = torch.cat([free, victims])
-                if free.numel() < n_miss:  # everything else is pinned: grow (buffers in flight)
-                    extra = n_miss - free.numel()
-                    start = self.num_slots
-                    self.row_of_C = torch.cat([self.row_of_C, torch.full((extra,), -1, dtype=torch.int64)])
-                    self.pins_C = torch.cat([self.pins_C, torch.zeros(extra, dtype=torch.int64)])
-                    free = torch.cat([free, torch.arange(start, start + extra)])
-            new_slots = free[:n_miss]
-            slots_K[miss_K] = new_slots
-            self.row_of_C[new_slots] = rows_K[miss_K]
-            self.slot_of_R[rows_K[miss_K]] = new_slots
-        self.pins_C.index_add_(0, slots_K, torch.ones_like(slots_K))
+            n_slot = min(n_miss, free.numel())  # the rest bypass: every other slot is pinned
+            self.bypassed += n_miss - n_slot
+            miss_idx = miss_K.nonzero().flatten()[:n_slot]
+            new_slots = free[:n_slot]
+            slots_K[miss_idx] = new_slots
+            self.row_of_C[new_slots] = rows_K[miss_idx]
+            self.slot_of_R[rows_K[miss_idx]] = new_slots
+        held = slots_K[slots_K >= 0]
+        self.pins_C.index_add_(0, held, torch.ones_like(held))
         return Admission(slots_K=slots_K, miss_K=miss_K, evicted=evicted)
 
     def _drop(self, slots: torch.Tensor) -> None:
@@ -148,20 +149,12 @@ class RowCache:
         self.row_of_C[slots] = -1
 
     def unpin(self, slots_K: torch.Tensor) -> None:
-        """Release one pin of each slot (its micro-batch's rows are reduced / no longer read)."""
-        self.pins_C.index_add_(0, slots_K.to("cpu", torch.int64), torch.full_like(slots_K.cpu(), -1))
+        """Release one pin of each slot (its read copied the rows out); -1 (bypassed rows) is skipped."""
+        slots_K = slots_K.to("cpu", torch.int64)
+        slots_K = slots_K[slots_K >= 0]
+        self.pins_C.index_add_(0, slots_K, torch.full_like(slots_K, -1))
         if bool((self.pins_C < 0).any()):
             raise RuntimeError("RowCache: a slot was unpinned more often than pinned")
-
-    def shrink(self) -> torch.Tensor:
-        """Drop unpinned rows beyond `capacity` (after overflow); returns the slots still used."""
-        used = (self.row_of_C >= 0).nonzero().flatten()
-        over = used.numel() - self.capacity
-        if over > 0:
-            cand = used[self.pins_C[used] == 0]
-            order = torch.argsort(self._scores(cand), stable=True)[:over]
-            self._drop(cand[order])
-        return (self.row_of_C >= 0).nonzero().flatten()
 
     def clear(self) -> None:
         """Forget every row (after the backing rows were rewritten, e.g. a checkpoint load)."""

@@ -135,7 +135,15 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.chunks = build_model_chunks(cfg, stem_engine_factory(cfg))
         self.engines = [c.stem_engine for c in self.chunks if c.stem_engine is not None]
-        self.offload_meter = OffloadMeter(self.engines)
+        bound = None
+        if self.engines and cfg.stem.offload == "host":
+            # The dry run's device bound of this stage's host tables (memory.py); the meter reports the
+            # measured peak of the same buffers next to it every step.
+            from stem_megatron.memory import stage_memory
+
+            stage = parallel_state.get_pipeline_model_parallel_rank()
+            bound = stage_memory(cfg, dist.get_world_size())[stage].table_device_bytes
+        self.offload_meter = OffloadMeter(self.engines, device_bound_bytes=bound)
         tcfg = self.chunks[0].config
         tcfg.calculate_per_token_loss = True
         self.bf16 = tcfg.bf16
