@@ -173,3 +173,31 @@ def test_stem_analyze_input_cases(inputs, tmp_path_factory):
     ]
     for code, words, argv in cases:
         _one_line(inputs, tmp_path_factory.mktemp("analyze"), code, words, "stem-analyze", *argv)
+
+
+def test_the_argument_types_refuse_what_a_default_would_hide():
+    import argparse
+
+    from stem_megatron.cli import args as a
+
+    bad = [(a.positive_int, "0"), (a.positive_int, "-3"), (a.positive_int, "1.5"), (a.nonneg_float, "nan"),
+           (a.nonneg_float, "inf"), (a.nonneg_float, "-0.1"), (a.unit_interval, "0"), (a.unit_interval, "1.01"),
+           (a.seed, "-1"), (a.seed, str(2**64)), (a.int_list(a.positive_int), ""), (a.int_list(a.positive_int), " , "),
+           (a.int_list(a.positive_int), "64,,128"), (a.float_list(a.fraction), "0.5,1.5"), (a.nonblank, " \t")]
+    for parse, text in bad:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+    assert (a.seed(str(2**64 - 1)), a.seed("0")) == (2**64 - 1, 0)
+    assert a.int_list(a.positive_int)(" 64, 128") == [64, 128] and a.float_list(a.fraction)("0,1") == [0.0, 1.0]
+    assert (a.nonneg_float("0"), a.unit_interval("1"), a.int_in(1, 4)("4")) == (0.0, 1.0, 4)
+
+
+def test_parse_device_names_what_is_missing():
+    from stem_megatron.cli.inputs import parse_device
+    from stem_megatron.errors import UserError
+
+    assert parse_device("cpu") == "cpu" and parse_device(None) in ("cpu", "cuda")
+    for name in [*_no_device(), "meta", "cuda:x"]:
+        with pytest.raises(UserError) as e:
+            parse_device(name)
+        assert e.value.code == 2 and str(e.value).startswith(f"--device {name}: ")
