@@ -103,20 +103,21 @@ def _export_tokenizer(path: str, config: dict, flag: str):
     return TokenizerSource(where, info["kind"], files)
 
 
-def check_tokenizer(tok, vocab: int, carried, tokenizer: str, path: str, flag: str) -> None:
-    """A `--tokenizer` must fit the model: no id past the model's vocabulary (`vocab`, unpadded)
-    and, when the model carries its own tokenizer (`carried`, a TokenizerSource or None), the same
-    number of ids (another vocabulary would read other rows). UserError, exit 2 (as stem-export)."""
+def check_tokenizer(tok, vocab: int, carried, tokenizer: str, model: str) -> None:
+    """A `--tokenizer` must fit the model (`model` names it in the message): no id past the model's
+    vocabulary (`vocab`, unpadded) and, when the model carries its own tokenizer (`carried`, a
+    TokenizerSource or None), the same number of ids (another vocabulary would read other rows).
+    UserError, exit 2. The one rule stem-export, stem-edit, stem-analyze and stem-eval apply."""
     from stem_megatron.errors import EXIT_INPUT, UserError
 
     if tok.vocab_size > vocab:
-        raise UserError(f"--tokenizer {tokenizer} has {tok.vocab_size} tokens; {flag} {path} has a vocabulary of "
-                        f"{vocab}: not the tokenizer it was trained with", EXIT_INPUT)
+        raise UserError(f"--tokenizer {tokenizer} has {tok.vocab_size} tokens; {model} has a vocabulary of "
+                        f"{vocab} (model.vocab_size): not the tokenizer it was trained with", EXIT_INPUT)
     if carried is not None:
         trained = _tokenizer(carried).vocab_size
         if trained != tok.vocab_size:
-            raise UserError(f"--tokenizer {tokenizer} has {tok.vocab_size} tokens; {flag} {path} was trained with a "
-                            f"tokenizer of {trained} ({carried.path})", EXIT_INPUT)
+            raise UserError(f"--tokenizer {tokenizer} has {tok.vocab_size} tokens; {model} was trained with a "
+                            f"tokenizer of {trained} (its copy in {carried.path})", EXIT_INPUT)
 
 
 def describe(path: str, tokenizer: str | None = None, flag: str = "--model") -> LoadedModel:
@@ -136,7 +137,7 @@ def describe(path: str, tokenizer: str | None = None, flag: str = "--model") -> 
             source, tok = override, _tokenizer(override)
             carried = _export_tokenizer(path, config, flag) if config.get("stem_tokenizer") else None
             check_tokenizer(tok, int(config.get("stem_table_vocab_size") or config["vocab_size"]), carried,
-                            tokenizer, path, flag)
+                            tokenizer, f"{flag} {path}")
         return LoadedModel(None, tok, int(config["max_position_embeddings"]), "export", path, source, config)
     from stem_megatron.training.checkpoint_format import CheckpointError
     from stem_megatron.training.checkpoint_meta import read_meta, saved_config
@@ -152,7 +153,7 @@ def describe(path: str, tokenizer: str | None = None, flag: str = "--model") -> 
         raise ModelLoadError(f"{flag} {path}: the checkpoint carries no tokenizer copy")
     tok = _tokenizer(source)
     if override is not None:
-        check_tokenizer(tok, cfg.model.vocab_size, carried, tokenizer, path, flag)
+        check_tokenizer(tok, cfg.model.vocab_size, carried, tokenizer, f"{flag} {path}")
     return LoadedModel(None, tok, cfg.model.seq_length, "checkpoint", ckpt, source)
 
 
