@@ -17,9 +17,8 @@ Legend: n tokens analysed, f ffn, p pairs, t tokens of the stream, h hidden.
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -32,31 +31,17 @@ class AnalysisError(ValueError):
     """Bad input for the analysis (empty corpus, no STEM layers, ...); one-line message."""
 
 
-def read_corpus(files: list[str], tokenizer, max_tokens: int | None = None) -> list[list[int]]:
-    """Token ids per document. `.jsonl` files hold one {"text": ...} per line; other files are plain
-    text, one document per file. Stops after about `max_tokens` ids."""
+def encode_corpus(texts: Iterable[str], tokenizer, max_tokens: int | None = None) -> list[list[int]]:
+    """Token ids per document of `texts` (the command reads the corpus files); stops after about
+    `max_tokens` ids, reading no further."""
     docs, total = [], 0
-    for path in files:
-        if not os.path.isfile(path):
-            raise AnalysisError(f"corpus file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                texts = []
-                for i, line in enumerate(f):
-                    if line.strip():
-                        try:
-                            texts.append(json.loads(line)["text"])
-                        except (ValueError, KeyError, TypeError):
-                            raise AnalysisError(f"{path}:{i + 1}: not a JSON object with a \"text\" field") from None
-            else:
-                texts = [f.read()]
-        for text in texts:
-            ids = tokenizer.encode(text)
-            if ids:
-                docs.append(ids)
-                total += len(ids)
-            if max_tokens is not None and total >= max_tokens:
-                return docs
+    for text in texts:
+        ids = tokenizer.encode(text)
+        if ids:
+            docs.append(ids)
+            total += len(ids)
+        if max_tokens is not None and total >= max_tokens:
+            return docs
     if not docs:
         raise AnalysisError("the corpus has no tokens")
     return docs
@@ -131,6 +116,14 @@ def up_projection_outputs(model, docs, positions: dict[int, tuple[int, int]], id
     return out
 
 
+def check_dense(dense, name: str = "--dense") -> None:
+    """The comparison model must be dense: a STEM model's non-STEM layers are not at the depths the
+    comparison maps to, and its STEM layers have no up-projection to compare."""
+    if list(dense.config.stem_layers):
+        raise AnalysisError(f"{name} is a STEM model (STEM layers {list(dense.config.stem_layers)}); the angular-spread "
+                            "comparison needs a dense model (e.g. one trained with configs/tiny_dense.yaml)")
+
+
 def angular_spread(model, docs, n_tokens: int, dense=None, window: int = 256, exclude: set[int] = frozenset()):
     """{"layers": {layer: {"stem": stats, "dense": stats, "dense_layer": k}}, ...} and the raw cosines."""
     stem = list(model.config.stem_layers)
@@ -143,6 +136,7 @@ def angular_spread(model, docs, n_tokens: int, dense=None, window: int = 256, ex
     raw, result = {}, {"tokens": len(ids), "layers": {}}
     dense_out, mapping = {}, {}
     if dense is not None:
+        check_dense(dense)
         candidates = dense_layers(dense)
         if not candidates:
             raise AnalysisError("the --dense model has no dense (up-projection) layers")

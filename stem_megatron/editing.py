@@ -196,6 +196,9 @@ def locate(tokenizer, prompt: str, source: str, target: str) -> tuple[list[int],
     """(prompt ids, source ids, target ids). BPE tokenizers spell a word differently after a space,
     so the source is searched as written and with a leading space; the later match wins and the
     target is encoded the same way."""
+    for name, text in (("--prompt", prompt), ("--source", source), ("--target", target)):
+        if not text.strip():  # " " + "" would encode to a space token: an edit into whitespace
+            raise EditError(f"{name} must not be empty or blank, got {text!r}")
     prompt_ids = tokenizer.encode(prompt)
     best = None
     for prefix in ("", " "):

@@ -339,6 +339,7 @@ def check_tokenizer(tokenizer: str | None, ckpt: str, meta: dict, cfg) -> tuple[
     """(path, kind) of the tokenizer to ship: `--tokenizer`, checked to load and to agree with the
     checkpoint's vocabulary, else the checkpoint's own copy; None when there is neither."""
     from stem_megatron.data.tokenizer import load_tokenizer
+    from stem_megatron.inference.loading import check_tokenizer as check_vocabulary
 
     saved = (os.path.join(ckpt, meta["tokenizer"]["path"]), meta["tokenizer"]["kind"]) if meta.get("tokenizer") else None
     if tokenizer is None:
@@ -346,13 +347,7 @@ def check_tokenizer(tokenizer: str | None, ckpt: str, meta: dict, cfg) -> tuple[
     if not os.path.exists(tokenizer):
         raise ExportArgumentError(f"--tokenizer {tokenizer}: not found")
     tok = load_tokenizer(tokenizer)  # TokenizerError (exit 2) when it does not load
-    vocab = cfg.model.vocab_size
-    if tok.vocab_size > vocab:
-        raise ExportArgumentError(f"--tokenizer {tokenizer} has {tok.vocab_size} tokens; the checkpoint's model "
-                                  f"has a vocabulary of {vocab} (model.vocab_size): not the tokenizer it was trained with")
-    if saved is not None:
-        trained = load_tokenizer(*saved).vocab_size
-        if trained != tok.vocab_size:
-            raise ExportArgumentError(f"--tokenizer {tokenizer} has {tok.vocab_size} tokens; the checkpoint was trained "
-                                      f"with a tokenizer of {trained} (its copy in {saved[0]})")
+    # the rule every command applies to a --tokenizer (UserError, exit 2)
+    check_vocabulary(tok, cfg.model.vocab_size, TokenizerSource.at(*saved) if saved else None, tokenizer,
+                     "the checkpoint")
     return tokenizer, tok.kind

@@ -154,15 +154,15 @@ def test_stem_analyze_bad_input_is_one_line(setup, tmp_path, capsys):
     corpus = str(root / "c.jsonl")
     cases = [
         (["--model", str(root / "dense"), "--corpus", corpus], 2, "no STEM layers"),
-        (["--model", str(root / "ckpt"), "--corpus", str(tmp_path / "missing.txt")], 2, "corpus file not found"),
+        (["--model", str(root / "ckpt"), "--corpus", str(tmp_path / "missing.txt")], 2, "missing.txt: no such file"),
         (["--model", str(root / "ckpt"), "--corpus", str(tmp_path / "empty.txt")], 2, "no tokens"),
         (["--model", str(root / "ckpt"), "--corpus", corpus, "--dense",
           str(root / "ckpt" / "nothing")], 4, "cannot load the model"),
         (["--model", str(tmp_path), "--corpus", corpus], 4, "neither an export"),
-        (["--model", str(root / "ckpt"), "--corpus", corpus, "--top-tokens", "1"], 2, "--top-tokens must be"),
+        (["--model", str(root / "ckpt"), "--corpus", corpus, "--top-tokens", "1"], 2, "--top-tokens: must be >= 2"),
     ]
     (root / "c.txt.jsonl").write_text("not json\n")
-    cases.append((["--model", str(root / "ckpt"), "--corpus", str(root / "c.txt.jsonl")], 2, "not a JSON object"))
+    cases.append((["--model", str(root / "ckpt"), "--corpus", str(root / "c.txt.jsonl")], 2, "c.txt.jsonl:1: invalid JSON"))
     for argv, code, message in cases:
         out_dir = tmp_path / "o"
         rc, out, err = _analyze(capsys, *argv, "--output", str(out_dir))

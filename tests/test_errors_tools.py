@@ -205,7 +205,7 @@ def test_export_checks_the_tokenizer_before_loading(ckpt, tmp_path, capsys, monk
     tokenizer, fragment = {
         "missing": (str(tmp_path / "absent.tiktoken"), "not found"),
         "bigger vocabulary": (write_tiktoken(str(tmp_path / "b" / "big.tiktoken"), [], extra_ranks=400),
-                              "has 657 tokens; the checkpoint's model has a vocabulary of 270"),
+                              "has 657 tokens; the checkpoint has a vocabulary of 270"),
         "other vocabulary": (write_tiktoken(str(tmp_path / "s" / "small.tiktoken"), [b"th"]),
                              "has 258 tokens; the checkpoint was trained with a tokenizer of 270"),
     }[case]

@@ -29,7 +29,7 @@ def tok_and_haystack(tmp_path_factory):
 @pytest.mark.parametrize("length", [120, 257])
 def test_needle_is_at_the_stated_depth(tok_and_haystack, depth, length):
     _, _, tok, hay = tok_and_haystack
-    haystack = niah.read_haystack(hay, tok)
+    haystack = niah.haystack_ids((json.loads(line)["text"] for line in open(hay)), tok)
     p = niah.build_prompt(tok, haystack, length, depth, "40917", offset=321)
     needle = tok.encode(niah.NEEDLE.format(key="40917"))
     question = tok.encode(niah.QUESTION)

@@ -129,7 +129,7 @@ def test_bits_per_byte_is_the_hand_computation(tmp_path):
     export = write_export(str(tmp_path / "m"), make_tiktoken(str(tmp_path)), seq_length=64)
     loaded = load_model(export)
     tok, model = loaded.tokenizer, loaded.model
-    docs = read_documents([str(tmp_path / "doc.txt")], tok)
+    docs = read_documents([str(tmp_path / "doc.txt")], tok, lambda path: [open(path, encoding="utf-8").read()])
     got = evaluate(ReferenceScorer(model), docs, seq_length=64, stride=32, batch_size=2, progress=False)
     # by hand: EOD as context, then every token of the text and the appended EOD
     ids = [tok.eod, *tok.encode(text), tok.eod]

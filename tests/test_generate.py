@@ -132,3 +132,12 @@ def test_cli_generates_and_refuses_bad_prompts_with_one_line(tmp_path, capsys):
         assert main(argv) == code
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err.count("\n") == 1 and words in captured.err, captured.err
+
+
+def test_host_row_cache_is_bounded_by_the_table():
+    """--cache-rows past the table's rows allocates the table's rows (a cache cannot hold more ids)."""
+    from stem_megatron.inference.rows import HostTables
+
+    tables = HostTables(torch.randn(10, 2, 3), "cpu", cache_rows=10**12)
+    assert tables.cache_CLF.shape == (10, 2, 3) and len(tables.free) == 10
+    tables.close()

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import Counter
 
-from stem_megatron import analysis
-from stem_megatron.cli.args import OneLineParser
+from stem_megatron.cli.args import OneLineParser, int_at_least, positive_int
+from stem_megatron.cli.inputs import read_texts, say_skipped
 
 
 def parse_args(argv):
@@ -26,15 +27,15 @@ def parse_args(argv):
     ap.add_argument("--corpus", required=True, nargs="+", metavar="FILE", help=".jsonl or plain-text files")
     ap.add_argument("--output", required=True, metavar="DIR")
     ap.add_argument("--dense", help="dense model (export or checkpoint) for the angular-spread comparison")
-    ap.add_argument("--top-tokens", type=int, default=256, help="N most frequent tokens compared pairwise [256]")
-    ap.add_argument("--max-tokens", type=int, default=200_000, help="read at most about this many corpus tokens")
-    ap.add_argument("--max-context", type=int, default=4096, help="longest context length measured [4096]")
-    ap.add_argument("--window", type=int, help="dense model context window [its training length]")
-    ap.add_argument("--tokenizer", help="tokenizer instead of the one the model carries")
-    args = ap.parse_args(argv)
-    if args.top_tokens < 2 or args.max_tokens < 4 or args.max_context < 2:
-        ap.error("--top-tokens must be >= 2, --max-tokens >= 4, --max-context >= 2")
-    return args
+    ap.add_argument("--top-tokens", type=int_at_least(2), default=256,
+                    help="N most frequent tokens compared pairwise [256]")
+    ap.add_argument("--max-tokens", type=int_at_least(4), default=200_000,
+                    help="read at most about this many corpus tokens")
+    ap.add_argument("--max-context", type=int_at_least(2), default=4096, help="longest context length measured [4096]")
+    ap.add_argument("--window", type=positive_int,
+                    help="dense model context window, at most its training length [its training length]")
+    ap.add_argument("--tokenizer", help="tokenizer instead of the one the model carries (same vocabulary)")
+    return ap.parse_args(argv)
 
 
 def _write_json(path: str, obj) -> None:
@@ -44,7 +45,7 @@ def _write_json(path: str, obj) -> None:
 
 
 def run(args) -> dict:
-    from stem_megatron import analysis_plots
+    from stem_megatron import analysis, analysis_plots
     from stem_megatron.inference.loading import load_model
 
     analysis_plots.require()
@@ -54,11 +55,18 @@ def run(args) -> dict:
     if not loaded.stem_layers:
         raise analysis.AnalysisError(f"{args.model}: the model has no STEM layers")
     dense = load_model(args.dense, tokenizer=args.tokenizer, flag="--dense") if args.dense else None
-    if dense is not None and dense.model.config.vocab_size < loaded.text_vocab_size:
-        raise analysis.AnalysisError("--dense has a smaller vocabulary than --model: they must share the tokenizer")
+    if dense is not None:
+        analysis.check_dense(dense.model, f"--dense {args.dense}")
+        if dense.model.config.vocab_size < loaded.text_vocab_size:
+            raise analysis.AnalysisError("--dense has a smaller vocabulary than --model: they must share the tokenizer")
+        if args.window is not None and args.window > dense.context_length:
+            raise analysis.AnalysisError(f"--window {args.window}: the --dense model was trained at "
+                                         f"{dense.context_length} positions; give at most that")
     window = args.window or (dense.context_length if dense else 256)
     tok = loaded.tokenizer
-    docs = analysis.read_corpus(args.corpus, tok, args.max_tokens)
+    skipped = Counter()
+    docs = analysis.encode_corpus(read_texts(args.corpus, flag="--corpus", skipped=skipped), tok, args.max_tokens)
+    say_skipped("stem-analyze", skipped)
     exclude = {tok.eod} if tok.eod is not None else set()
     spread, raw = analysis.angular_spread(loaded.model, docs, args.top_tokens,
                                            dense.model if dense else None, window, exclude)
@@ -76,7 +84,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from stem_megatron import cli
+    from stem_megatron import analysis, cli
     from stem_megatron.data.tokenizer import TokenizerError
     from stem_megatron.inference.loading import ModelLoadError
 

@@ -18,7 +18,9 @@ import os
 import sys
 
 from stem_megatron import editing
-from stem_megatron.cli.args import OneLineParser
+from stem_megatron.cli.args import OneLineParser, nonblank, nonneg_int, positive_int
+
+DEFAULT_NEW_TOKENS = 20
 
 
 def _layers(values: list[str] | None) -> list[int] | None:
@@ -33,19 +35,19 @@ def _layers(values: list[str] | None) -> list[int] | None:
 def parse_args(argv):
     ap = OneLineParser(prog="stem-edit", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="export directory or checkpoint directory / save root")
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--source", required=True, help="entity text in the prompt (its last occurrence is edited)")
-    ap.add_argument("--target", required=True, help="entity whose STEM rows the source positions take")
+    ap.add_argument("--prompt", required=True, type=nonblank)
+    ap.add_argument("--source", required=True, type=nonblank,
+                    help="entity text in the prompt (its last occurrence is edited)")
+    ap.add_argument("--target", required=True, type=nonblank, help="entity whose STEM rows the source positions take")
     ap.add_argument("--mode", required=True, choices=editing.MODES)
     ap.add_argument("--layers", nargs="+", help="STEM layers to edit (global 0-based) [all STEM layers]")
-    ap.add_argument("--top-k", type=int, default=5, help="next-token candidates to show [5]")
-    ap.add_argument("--max-new-tokens", type=int, default=20, help="greedy continuation length [20]")
+    ap.add_argument("--top-k", type=positive_int, default=5, help="next-token candidates to show [5]")
+    ap.add_argument("--max-new-tokens", type=nonneg_int,
+                    help="greedy continuation length; the prompt plus this must fit the model's context "
+                         "[20, or what the context leaves after the prompt when less]")
     ap.add_argument("--persist", metavar="OUT", help="write a new export with the edit in the tables (one_to_one)")
-    ap.add_argument("--tokenizer", help="tokenizer file/directory instead of the one the model carries")
-    args = ap.parse_args(argv)
-    if args.top_k < 1 or args.max_new_tokens < 0:
-        ap.error("--top-k must be >= 1 and --max-new-tokens >= 0")
-    return args
+    ap.add_argument("--tokenizer", help="tokenizer file/directory instead of the one the model carries (same vocabulary)")
+    return ap.parse_args(argv)
 
 
 def _show(name: str, side: dict) -> None:
@@ -56,6 +58,7 @@ def _show(name: str, side: dict) -> None:
 
 def run(args) -> dict:
     from stem_megatron.export import write_export
+    from stem_megatron.inference.generate import check_lengths
     from stem_megatron.inference.loading import load_model
 
     layers = _layers(args.layers)
@@ -67,10 +70,14 @@ def run(args) -> dict:
     editing.check_layers(loaded.model, layers)
     prompt_ids, plan, edit_layers = editing.prepare_edit(loaded.model, loaded.tokenizer, args.prompt, args.source,
                                                          args.target, args.mode, layers)
+    # stem-generate's bound: the prompt and the continuation fit the context (no unbounded loop)
+    max_new = args.max_new_tokens
+    if max_new is None:  # the default, not a number the user gave: shortened to what the context leaves
+        max_new = max(0, min(DEFAULT_NEW_TOKENS, loaded.context_length - len(prompt_ids)))
+    check_lengths([len(prompt_ids)], max_new, loaded.context_length, min_new=0)
     if args.persist:  # before any output: a mode that does not apply writes nothing
         state, changed = editing.persisted_state(loaded.model, plan, edit_layers)
-    record = editing.edit_record(loaded.model, loaded.tokenizer, prompt_ids, plan, edit_layers, args.top_k,
-                                 args.max_new_tokens)
+    record = editing.edit_record(loaded.model, loaded.tokenizer, prompt_ids, plan, edit_layers, args.top_k, max_new)
     record.update(source=args.source, target=args.target)
     if args.persist:
         words = [loaded.tokenizer.decode([i]) for i in changed]
@@ -87,11 +94,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from stem_megatron import cli
     from stem_megatron.data.tokenizer import TokenizerError
+    from stem_megatron.inference.generate import GenerationError
     from stem_megatron.inference.loading import ModelLoadError
 
     cli.quiet_known_warnings()
     return cli.run("stem-edit", lambda: _report(run(args)), errors=(
-        (editing.EditError, 2, ""), (FileExistsError, 2, ""), (TokenizerError, 2, ""),
+        (editing.EditError, 2, ""), (GenerationError, 2, ""), (FileExistsError, 2, ""), (TokenizerError, 2, ""),
         (ModelLoadError, 4, "cannot load the model: ")),
         interrupted_note="nothing persisted (an export is written under a temporary name)")
 

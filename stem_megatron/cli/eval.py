@@ -19,38 +19,32 @@ stderr (stem_megatron.cli.run), from rank 0 under torchrun.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import re
 import sys
+from collections import Counter
 
+from stem_megatron.cli.args import OneLineParser, float_list, fraction, int_list, positive_int, seed
+from stem_megatron.cli.inputs import parse_device, read_texts, say_skipped
 from stem_megatron.errors import UserError
 
 _OVERRIDE = re.compile(r"^[A-Za-z_]+(\.[A-Za-z_]+)+=")
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="stem-eval", description=__doc__.split("\n")[0])
+    ap = OneLineParser(prog="stem-eval", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ppl", help="mean loss, perplexity and bits per byte")
     p.add_argument("--model", required=True, help="an export directory or a checkpoint (save or step_N directory)")
     p.add_argument("--input", nargs="+", required=True, help="indexed dataset prefixes, *.jsonl or text files")
     p.add_argument("--json-key", default="text", help="JSONL field holding the text [text]")
-    p.add_argument("--seq-length", type=int, help="window length [the model's training sequence length]")
-    p.add_argument("--stride", type=int, help="targets a window advances [seq_length / 2]")
-    p.add_argument("--max-docs", type=int, help="score at most this many documents")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward [8]")
-    p.add_argument("--device", help="export only [cuda if available, else cpu]")
+    p.add_argument("--seq-length", type=positive_int, help="window length [the model's training sequence length]")
+    p.add_argument("--stride", type=positive_int, help="targets a window advances [seq_length / 2]")
+    p.add_argument("--max-docs", type=positive_int, help="score at most this many documents")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward [8]")
+    p.add_argument("--device", help="export only: cpu, cuda, cuda:N, ... [cuda if available, else cpu]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("overrides", nargs="*", help="checkpoint only: parallel.* layout overrides")
     n = sub.add_parser("niah", help="needle-in-a-haystack passkey retrieval")
@@ -58,12 +52,14 @@ def parse_args(argv=None):
     n.add_argument("--output", required=True, help="directory to create (must not exist or be empty)")
     n.add_argument("--haystack", default="data/sample/valid.jsonl", help="JSONL or text [data/sample/valid.jsonl]")
     n.add_argument("--json-key", default="text")
-    n.add_argument("--lengths", type=_ints, help="context lengths, comma separated [1/4, 1/2, 3/4, 1 x the model's]")
-    n.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]")
-    n.add_argument("--trials", type=int, default=4, help="prompts per (length, depth) cell [4]")
-    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--lengths", type=int_list(positive_int),
+                   help="context lengths, comma separated [1/4, 1/2, 3/4, 1 x the model's]")
+    n.add_argument("--depths", type=float_list(fraction), default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="needle depths in [0, 1], comma separated [0,0.25,0.5,0.75,1]")
+    n.add_argument("--trials", type=positive_int, default=4, help="prompts per (length, depth) cell [4]")
+    n.add_argument("--seed", type=seed, default=0, help="0 .. 2**64-1 [0]")
     n.add_argument("--tables", choices=("device", "host"), default="device")
-    n.add_argument("--device", help="[cuda if available, else cpu]")
+    n.add_argument("--device", help="cpu, cuda, cuda:N, ... [cuda if available, else cpu]")
     args = ap.parse_args(argv)
     if args.command == "ppl":  # `--input a b section.key=value`: nargs="+" takes the overrides too
         args.overrides += [x for x in args.input if _OVERRIDE.match(x)]
@@ -78,12 +74,6 @@ class _Fail(UserError):
         super().__init__(message, code)
 
 
-def _device(name):
-    import torch
-
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def run_ppl(args) -> dict:
     from stem_megatron.inference.documents import InputError, read_documents
     from stem_megatron.inference.loading import ModelLoadError, describe, load_model
@@ -93,31 +83,32 @@ def run_ppl(args) -> dict:
         info = describe(args.model)
     except ModelLoadError as e:
         raise _Fail(4, str(e)) from None
-    seq = args.seq_length or info.context_length
+    seq = info.context_length if args.seq_length is None else args.seq_length
     if not 1 <= seq <= info.context_length:
         raise _Fail(2, f"--seq-length {seq}: must be in [1, {info.context_length}] (the model's context)")
-    stride = args.stride or max(1, seq // 2)
+    stride = max(1, seq // 2) if args.stride is None else args.stride
     if not 1 <= stride <= seq:
         raise _Fail(2, f"--stride {stride}: must be in [1, --seq-length {seq}]")
-    if args.batch_size < 1 or (args.max_docs is not None and args.max_docs < 1):
-        raise _Fail(2, "--batch-size and --max-docs must be >= 1")
     if info.kind == "export" and args.overrides:
         raise _Fail(2, f"{args.overrides[0]}: layout overrides apply to checkpoints only")
     if not args.input:
         raise _Fail(2, "--input: no input file (only overrides were given)")
+    device = parse_device(args.device) if info.kind == "export" else None
     tok = info.tokenizer
+    skipped = Counter()
     try:
-        docs = read_documents(args.input, tok, args.json_key, args.max_docs)
+        docs = read_documents(args.input, tok, lambda path: read_texts([path], json_key=args.json_key, skipped=skipped),
+                              args.max_docs)
     except InputError as e:
         raise _Fail(2, str(e)) from None
+    say_skipped("stem-eval ppl", skipped)
     pad = tok.eod if tok.eod is not None else 0
     progress = not args.no_progress
     if info.kind == "export":
         loaded = load_model(args.model)
-        device = _device(args.device)
         result = evaluate(ReferenceScorer(loaded.model.to(device), device), docs, seq_length=seq, stride=stride,
                           batch_size=args.batch_size, pad_id=pad, progress=progress)
-        return {"model": args.model, "kind": "export", **result}
+        return {"model": args.model, "kind": "export", **result, "skipped_records": dict(skipped)}
 
     from stem_megatron.config import ConfigError
     from stem_megatron.export import single_process_group
@@ -141,7 +132,7 @@ def run_ppl(args) -> dict:
             scorer.close()
         layout = {"world_size": scorer.trainer.info.world_size, "tp": scorer.trainer.info.tp_size,
                   "pp": scorer.trainer.info.pp_size, "dp": scorer.dp_size}
-    return {"model": info.path, "kind": "checkpoint", "layout": layout, **result}
+    return {"model": info.path, "kind": "checkpoint", "layout": layout, **result, "skipped_records": dict(skipped)}
 
 
 def run_niah(args) -> dict:
@@ -153,28 +144,30 @@ def run_niah(args) -> dict:
 
     if os.path.exists(args.output) and (not os.path.isdir(args.output) or os.listdir(args.output)):
         raise _Fail(2, f"--output {args.output} exists and is not an empty directory")
-    if args.trials < 1 or not args.depths or any(not 0.0 <= d <= 1.0 for d in args.depths):
-        raise _Fail(2, "need --trials >= 1 and --depths in [0, 1]")
+    device = parse_device(args.device)
     try:
         info = describe(args.model)
     except ModelLoadError as e:
         raise _Fail(4, str(e)) from None
     tok = info.tokenizer
     shortest = niah.min_length(tok)
-    lengths = args.lengths or niah.default_lengths(info.context_length, shortest)
+    lengths = niah.default_lengths(info.context_length, shortest) if args.lengths is None else args.lengths
     bad = [n for n in lengths if not shortest <= n <= info.context_length]
     if bad or not lengths:
         raise _Fail(2, f"--lengths {bad or lengths}: each must be in [{shortest}, {info.context_length}] "
                        f"(needle + question + answer + 16 tokens .. the model's context)")
+    if not os.path.isfile(args.haystack):
+        raise _Fail(2, f"--haystack {args.haystack}: no such file (run `make sample-data`, or pass --haystack FILE)")
+    texts = read_texts([args.haystack], json_key=args.json_key, flag="--haystack")
     try:
-        haystack = niah.read_haystack(args.haystack, tok, args.json_key, max_tokens=4 * max(lengths))
+        haystack = niah.haystack_ids(texts, tok, max_tokens=4 * max(lengths), name=f"--haystack {args.haystack}")
     except (InputError, ValueError) as e:
         raise _Fail(2, str(e)) from None
     if len(haystack) < max(lengths):
         raise _Fail(2, f"--haystack {args.haystack}: {len(haystack)} tokens, the longest length needs {max(lengths)}")
     loaded = load_model(args.model)
     gen = Generator(loaded.model, context_length=info.context_length, vocab=tok.vocab_size, eod=tok.eod,
-                    tables=args.tables, device=_device(args.device))
+                    tables=args.tables, device=device)
     bar = Progress("stem-eval niah", len(lengths) * len(args.depths), "cells")
     try:
         result = niah.run_niah(gen, tok, haystack, lengths, args.depths, args.trials, args.seed, progress=bar)

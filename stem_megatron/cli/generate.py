@@ -1,50 +1,54 @@
 """`stem-generate`: the command line of `stem_megatron.inference.generate` (sampling, the batch and its
-exit codes are documented there and in docs/evaluation.md)."""
+exit codes are documented there and in docs/evaluation.md).
+
+Arguments are checked before anything is loaded (stem_megatron.cli.args: no nan, no negative, a
+64-bit seed; --device must exist here); prompts longer than the context with --max-new-tokens are
+refused by the bound every generating command shares (inference.generate.check_lengths).
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-import torch
-
-from stem_megatron.inference.generate import GenerationError, Generator, Sampling
-from stem_megatron.inference.generate import __doc__ as generate_doc
+from stem_megatron.cli.args import OneLineParser, nonneg_float, nonneg_int, positive_int, seed, unit_interval
 
 
 def read_prompts(texts: list[str], prompt_file: str | None) -> list[str]:
+    """Every --prompt, then one prompt per non-blank line of --prompt-file (UTF-8; a line that is
+    not is a one-line error naming it)."""
+    from stem_megatron.cli.inputs import read_texts
+
     prompts = list(texts or [])
     if prompt_file:
-        try:
-            with open(prompt_file, encoding="utf-8") as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
-        except OSError as e:
-            raise GenerationError(f"--prompt-file {prompt_file}: {e.strerror or e}") from None
+        prompts += list(read_texts([prompt_file], flag="--prompt-file", split="lines"))
     return prompts
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="stem-generate", description=generate_doc.split("\n")[0])
+    ap = OneLineParser(prog="stem-generate", description="text from a checkpoint or an export, with a KV cache "
+                       "and STEM tables on the device or the host")
     ap.add_argument("--model", required=True, help="an export directory or a checkpoint (save or step_N directory)")
     ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     ap.add_argument("--prompt-file", help="more prompts, one per non-empty line")
-    ap.add_argument("--max-new-tokens", type=int, required=True)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy [0]")
-    ap.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = all [0]")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with this mass [1.0]")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=positive_int, required=True,
+                    help="tokens to generate; each prompt plus this must fit the model's context")
+    ap.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy [0]")
+    ap.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely tokens; 0 = all [0]")
+    ap.add_argument("--top-p", type=unit_interval, default=1.0, help="nucleus: smallest set with this mass [1.0]")
+    ap.add_argument("--seed", type=seed, default=0, help="sampling seed, 0 .. 2**64-1 [0]")
     ap.add_argument("--tables", choices=("device", "host"), default="device",
                     help="STEM tables on the compute device, or in host memory with a row cache [device]")
-    ap.add_argument("--cache-rows", type=int, default=4096, help="device row cache of --tables host [4096]")
-    ap.add_argument("--chunk-size", type=int, default=128, help="prefill chunk, in positions [128]")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--cache-rows", type=nonneg_int, default=4096, help="device row cache of --tables host [4096]")
+    ap.add_argument("--chunk-size", type=positive_int, default=128, help="prefill chunk, in positions [128]")
+    ap.add_argument("--device", help="cpu, cuda, cuda:N, ... [cuda if available, else cpu]")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from stem_megatron import cli
+    from stem_megatron.inference.generate import GenerationError
     from stem_megatron.inference.loading import ModelLoadError
 
     cli.quiet_known_warnings()
@@ -53,12 +57,11 @@ def main(argv=None) -> int:
 
 
 def _generate(args) -> int:
+    from stem_megatron.cli.inputs import parse_device
+    from stem_megatron.inference.generate import GenerationError, Generator, Sampling
     from stem_megatron.inference.loading import load_model
 
-    if not 0.0 < args.top_p <= 1.0 or args.top_k < 0 or args.temperature < 0 or args.chunk_size < 1 \
-            or args.cache_rows < 0:
-        raise GenerationError("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, --chunk-size >= 1, "
-                              "--cache-rows >= 0")
+    device = parse_device(args.device)
     texts = read_prompts(args.prompt, args.prompt_file)
     if not texts:
         raise GenerationError("no prompt given (--prompt or --prompt-file)")
@@ -66,7 +69,7 @@ def _generate(args) -> int:
     tok = loaded.tokenizer
     prompts = [tok.encode(t) for t in texts]
     generator = Generator(loaded.model, context_length=loaded.context_length, vocab=tok.vocab_size, eod=tok.eod,
-                          tables=args.tables, device=args.device, cache_rows=args.cache_rows,
+                          tables=args.tables, device=device, cache_rows=args.cache_rows,
                           chunk_size=args.chunk_size)
     try:  # close() releases the host row cache (--tables host), also after an error or Ctrl-C
         generator.check(prompts, args.max_new_tokens)

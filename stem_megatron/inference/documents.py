@@ -1,13 +1,13 @@
 """Evaluation documents as token ids, built the way training data is built.
 
-    docs = read_documents(["valid.jsonl"], tokenizer, json_key="text", max_docs=100)
+    docs = read_documents(["valid.jsonl"], tokenizer, texts_of, max_docs=100)
 
 Inputs, by what the path is:
 - an indexed dataset prefix (`PREFIX.bin` + `PREFIX.idx`, stem-preprocess's output): each stored
   document as is (stem-preprocess `--append-eod` already ended it with the EOD token);
-- `*.jsonl`: one document per line, the text under `json_key`, encoded and ended with the EOD
-  token (what stem-preprocess `--append-eod` stores, and what the demo trains on);
-- any other file: UTF-8 text, the whole file one document, ended with the EOD token.
+- any other file: the texts `texts_of(path)` yields (stem-eval: one per JSONL line, the text under
+  --json-key, or a whole text file; the records stem-preprocess skips are skipped), each encoded
+  and ended with the EOD token (what stem-preprocess `--append-eod` stores, what the demo trains on).
 
 Every document is scored given an EOD token as its first context token, as in training, where
 the previous document's EOD precedes it: so every text token and the final EOD are scored.
@@ -18,8 +18,8 @@ without an EOD token gets neither: its first token is context only, and its byte
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 
@@ -51,49 +51,44 @@ def text_document(tokenizer, text: str) -> Document:
     return make_document(tokenizer, ids + ([tokenizer.eod] if tokenizer.eod is not None else []))
 
 
-def _indexed(prefix: str):
+def is_indexed(prefix: str) -> bool:
+    """PREFIX.bin + PREFIX.idx exist (megatron's IndexedDataset.exists, without importing megatron
+    for the plain files most evaluations read)."""
+    return os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")
+
+
+def _indexed(prefix: str, vocab: int):
+    """The stored documents of an indexed dataset; InputError at the first id the tokenizer does not
+    have (a dataset preprocessed with another tokenizer: its ids would index the wrong rows)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(prefix)
     for i in range(len(ds)):
-        yield [int(x) for x in ds[i]]
+        ids = ds[i]
+        if len(ids) and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+            bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+            raise InputError(f"--input {prefix}: document {i} holds token id {bad}, outside the tokenizer's "
+                             f"{vocab} ids [0, {vocab - 1}] (preprocessed with another tokenizer?)")
+        yield [int(x) for x in ids]
 
 
-def _jsonl(path: str, key: str):
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise InputError(f"{path}:{n}: not JSON ({e})") from None
-            if not isinstance(record, dict) or key not in record:
-                raise InputError(f"{path}:{n}: no {key!r} field (choose it with --json-key)")
-            yield str(record[key])
+def read_documents(paths: list[str], tokenizer, texts_of: Callable[[str], Iterable[str]],
+                   max_docs: int | None = None) -> list[Document]:
+    """Documents of every input in order, at most `max_docs`; InputError if none has a token to score.
 
-
-def read_documents(paths: list[str], tokenizer, json_key: str = "text", max_docs: int | None = None) -> list[Document]:
-    """Documents of every input in order, at most `max_docs`; InputError if none has a token to score."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+    An indexed dataset prefix is read here; any other path's texts come from `texts_of(path)` (the
+    command's reader, which decides what a bad record is: stem_megatron.cli.inputs.read_texts).
+    """
     docs: list[Document] = []
     for path in paths:
         if max_docs is not None and len(docs) >= max_docs:
             break
-        if IndexedDataset.exists(path):
-            items = (make_document(tokenizer, ids) for ids in _indexed(path))
+        if is_indexed(path):
+            items = (make_document(tokenizer, ids) for ids in _indexed(path, tokenizer.vocab_size))
         elif not os.path.isfile(path):
             raise InputError(f"--input {path}: no such file (nor an indexed dataset {path}.bin + .idx)")
-        elif path.endswith(".jsonl"):
-            items = (text_document(tokenizer, text) for text in _jsonl(path, json_key))
         else:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read()
-            except UnicodeDecodeError as e:
-                raise InputError(f"--input {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            items = iter([text_document(tokenizer, text)] if text.strip() else [])
+            items = (text_document(tokenizer, text) for text in texts_of(path))
         for doc in items:
             if len(doc.ids) > 1:  # a document needs a token after its context token
                 docs.append(doc)

@@ -35,6 +35,23 @@ class GenerationError(ValueError):
     """Prompts or options that cannot be generated from (empty prompt, longer than the context); one line."""
 
 
+def check_lengths(prompt_lengths: list[int], max_new_tokens: int, context_length: int, min_new: int = 1) -> None:
+    """The bound every command that generates shares (stem-generate, stem-edit, NIAH): each prompt
+    has a token and, with `max_new_tokens` more, fits the model's context; so the work is bounded
+    by the context, never by a number the user typed. GenerationError (exit 2) otherwise."""
+    if not prompt_lengths:
+        raise GenerationError("no prompt given (--prompt or --prompt-file)")
+    if max_new_tokens < min_new:
+        raise GenerationError(f"--max-new-tokens must be >= {min_new}, got {max_new_tokens}")
+    for i, n in enumerate(prompt_lengths):
+        if n < 1:
+            raise GenerationError(f"prompt {i + 1} is empty")
+        if n + max_new_tokens > context_length:
+            raise GenerationError(
+                f"prompt {i + 1} is {n} tokens; with --max-new-tokens {max_new_tokens} that exceeds the "
+                f"model's context of {context_length} tokens")
+
+
 @dataclass
 class Sampling:
     temperature: float = 0.0  # 0: greedy
@@ -105,17 +122,7 @@ class Generator:
         self.pad_id = eod if eod is not None else 0
 
     def check(self, prompts: list[list[int]], max_new_tokens: int) -> None:
-        if not prompts:
-            raise GenerationError("no prompt given (--prompt or --prompt-file)")
-        if max_new_tokens < 1:
-            raise GenerationError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-        for i, p in enumerate(prompts):
-            if not p:
-                raise GenerationError(f"prompt {i + 1} is empty")
-            if len(p) + max_new_tokens > self.context_length:
-                raise GenerationError(
-                    f"prompt {i + 1} is {len(p)} tokens; with --max-new-tokens {max_new_tokens} that exceeds the "
-                    f"model's context of {self.context_length} tokens")
+        check_lengths([len(p) for p in prompts], max_new_tokens, self.context_length)
 
     def _fetch(self, ids_bs: torch.Tensor):
         if self.rows is None:

@@ -56,10 +56,14 @@ def is_export(path: str) -> bool:
 def resolve_checkpoint(path: str, flag: str = "--model") -> str:
     """The step directory a checkpoint PATH names; ModelLoadError when there is none."""
     from stem_megatron.training import checkpoint_format as fmt
+    from stem_megatron.training.checkpoint_format import CheckpointError
 
     if not os.path.exists(path):
         raise ModelLoadError(f"{flag} {path}: no such file or directory")
-    ckpt = fmt.resolve(path) if os.path.isdir(path) else None
+    try:
+        ckpt = fmt.resolve(path) if os.path.isdir(path) else None
+    except CheckpointError as e:  # a `latest` that names a missing or malformed step
+        raise ModelLoadError(f"{flag} {path}: checkpoint error: {e}") from None
     if ckpt is None:
         raise ModelLoadError(f"{flag} {path}: neither an export (config.json + model.safetensors) nor a checkpoint")
     return ckpt
@@ -99,18 +103,42 @@ def _export_tokenizer(path: str, config: dict, flag: str):
     return TokenizerSource(where, info["kind"], files)
 
 
+def check_tokenizer(tok, vocab: int, carried, tokenizer: str, model: str) -> None:
+    """A `--tokenizer` must fit the model (`model` names it in the message): no id past the model's
+    vocabulary (`vocab`, unpadded) and, when the model carries its own tokenizer (`carried`, a
+    TokenizerSource or None), the same number of ids (another vocabulary would read other rows).
+    UserError, exit 2. The one rule stem-export, stem-edit, stem-analyze and stem-eval apply."""
+    from stem_megatron.errors import EXIT_INPUT, UserError
+
+    if tok.vocab_size > vocab:
+        raise UserError(f"--tokenizer {tokenizer} has {tok.vocab_size} tokens; {model} has a vocabulary of "
+                        f"{vocab} (model.vocab_size): not the tokenizer it was trained with", EXIT_INPUT)
+    if carried is not None:
+        trained = _tokenizer(carried).vocab_size
+        if trained != tok.vocab_size:
+            raise UserError(f"--tokenizer {tokenizer} has {tok.vocab_size} tokens; {model} was trained with a "
+                            f"tokenizer of {trained} (its copy in {carried.path})", EXIT_INPUT)
+
+
 def describe(path: str, tokenizer: str | None = None, flag: str = "--model") -> LoadedModel:
     """What PATH holds, without its weights (`model` is None; `config` too for a checkpoint): kind,
-    resolved path, tokenizer, context. `flag` names the option in error messages."""
+    resolved path, tokenizer, context. `flag` names the option in error messages. A `tokenizer`
+    override is checked against the model's vocabulary (check_tokenizer)."""
     from stem_megatron.export import CONFIG_JSON, checkpoint_tokenizer
 
     override = _override(tokenizer) if tokenizer is not None else None
     if is_export(path):
         with open(os.path.join(path, CONFIG_JSON)) as f:
             config = json.load(f)
-        source = override or _export_tokenizer(path, config, flag)
-        return LoadedModel(None, _tokenizer(source), int(config["max_position_embeddings"]), "export", path, source,
-                           config)
+        if override is None:
+            source = _export_tokenizer(path, config, flag)
+            tok = _tokenizer(source)
+        else:
+            source, tok = override, _tokenizer(override)
+            carried = _export_tokenizer(path, config, flag) if config.get("stem_tokenizer") else None
+            check_tokenizer(tok, int(config.get("stem_table_vocab_size") or config["vocab_size"]), carried,
+                            tokenizer, f"{flag} {path}")
+        return LoadedModel(None, tok, int(config["max_position_embeddings"]), "export", path, source, config)
     from stem_megatron.training.checkpoint_format import CheckpointError
     from stem_megatron.training.checkpoint_meta import read_meta, saved_config
 
@@ -119,10 +147,14 @@ def describe(path: str, tokenizer: str | None = None, flag: str = "--model") -> 
         meta, cfg = read_meta(ckpt), saved_config(ckpt)
     except CheckpointError as e:
         raise ModelLoadError(f"{flag} {path}: checkpoint error: {e}") from None
-    source = override or checkpoint_tokenizer(ckpt, meta)
+    carried = checkpoint_tokenizer(ckpt, meta)
+    source = override or carried
     if source is None:
         raise ModelLoadError(f"{flag} {path}: the checkpoint carries no tokenizer copy")
-    return LoadedModel(None, _tokenizer(source), cfg.model.seq_length, "checkpoint", ckpt, source)
+    tok = _tokenizer(source)
+    if override is not None:
+        check_tokenizer(tok, cfg.model.vocab_size, carried, tokenizer, f"{flag} {path}")
+    return LoadedModel(None, tok, cfg.model.seq_length, "checkpoint", ckpt, source)
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, tokenizer: str | None = None,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -76,26 +77,20 @@ def build_prompt(tokenizer, haystack: list[int], length: int, depth: float, key:
     return NeedlePrompt(hay[:p] + needle + hay[p:] + question, p, len(needle), n_hay, p / n_hay, key, answer)
 
 
-def read_haystack(path: str, tokenizer, json_key: str = "text", max_tokens: int = 1 << 20) -> list[int]:
-    """Token ids of the haystack file (JSONL texts joined by blank lines, or a text file)."""
+def haystack_ids(texts: Iterable[str], tokenizer, max_tokens: int = 1 << 20, name: str = "--haystack") -> list[int]:
+    """Token ids of the haystack: `texts` (the command reads the file) joined by blank lines, at
+    most `max_tokens`; reading stops once there is plenty of text."""
     from stem_megatron.inference.documents import InputError
 
-    if not os.path.isfile(path):
-        raise InputError(f"--haystack {path}: no such file (run `make sample-data`, or pass --haystack FILE)")
-    texts, size = [], 0
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            for line in f:
-                if line.strip():
-                    texts.append(str(json.loads(line).get(json_key, "")))
-                    size += len(texts[-1])
-                    if size > 8 * max_tokens:  # plenty: a token is rarely under one character
-                        break
-        else:
-            texts.append(f.read(8 * max_tokens))
-    ids = tokenizer.encode("\n\n".join(t for t in texts if t.strip()))[:max_tokens]
+    kept, size = [], 0
+    for text in texts:
+        kept.append(text)
+        size += len(text)
+        if size > 8 * max_tokens:  # plenty: a token is rarely under one character
+            break
+    ids = tokenizer.encode("\n\n".join(kept)[: 8 * max_tokens])[:max_tokens]
     if not ids:
-        raise InputError(f"--haystack {path}: no text")
+        raise InputError(f"{name}: no text")
     return ids
 
 

@@ -95,6 +95,9 @@ class HostTables:
         self.store = HostRowStore(tables_VLF.cpu(), device=self.device, n_staging=n_staging)
         self.row_shape = tuple(tables_VLF.shape[1:])
         self.dtype = tables_VLF.dtype
+        # A cache never holds more distinct ids than the table has rows: capping changes no hit or
+        # miss, and bounds the allocation whatever --cache-rows says.
+        cache_rows = min(cache_rows, tables_VLF.shape[0])
         self.cache_CLF = torch.empty((cache_rows, *self.row_shape), dtype=self.dtype, device=self.device)
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # id -> cache slot, least recently used first
         self.free = list(range(cache_rows - 1, -1, -1))
