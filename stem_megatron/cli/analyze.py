@@ -18,6 +18,7 @@ import sys
 
 from stem_megatron import analysis
 from stem_megatron.cli.args import OneLineParser
+from stem_megatron.outputs import prepare_output
 
 
 def parse_args(argv):
@@ -50,6 +51,7 @@ def run(args) -> dict:
     analysis_plots.require()
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise analysis.AnalysisError(f"--output {args.output} exists and is not a directory")
+    prepare_output(args.output, inputs=[args.model, args.dense, args.tokenizer, *args.corpus], kind="root", overwrite=True)
     loaded = load_model(args.model, tokenizer=args.tokenizer)
     if not loaded.stem_layers:
         raise analysis.AnalysisError(f"{args.model}: the model has no STEM layers")

@@ -27,6 +27,7 @@ import re
 import sys
 
 from stem_megatron.errors import UserError
+from stem_megatron.outputs import prepare_output
 
 _OVERRIDE = re.compile(r"^[A-Za-z_]+(\.[A-Za-z_]+)+=")
 
@@ -153,6 +154,7 @@ def run_niah(args) -> dict:
 
     if os.path.exists(args.output) and (not os.path.isdir(args.output) or os.listdir(args.output)):
         raise _Fail(2, f"--output {args.output} exists and is not an empty directory")
+    prepare_output(args.output, inputs=[args.model, args.haystack], kind="dir")
     if args.trials < 1 or not args.depths or any(not 0.0 <= d <= 1.0 for d in args.depths):
         raise _Fail(2, "need --trials >= 1 and --depths in [0, 1]")
     try:
