@@ -7,11 +7,13 @@ writes `data/c_text_document.bin/.idx`: the bytes megatron-core's
 merge of `stem-preprocess --partition 0/N .. N-1/N` is byte-identical to one unpartitioned run.
 Unlike `add_index`, which holds every document's length and pointer as Python lists, the index
 is streamed in chunks: memory stays bounded whatever the number of documents. `.bin` files are
-copied in 1 MiB blocks. Output goes to `.partial` files renamed into place at the end
-(`data_tools.writer`), the `.idx` last.
+copied in 1 MiB blocks. Every input is checked before anything is written: its index
+consistent, its `.bin` exactly as long as the index counts. Output goes to `.partial` files
+renamed into place at the end (`data_tools.writer`), the `.idx` last; the command refuses an
+output that is an input, or that exists without `--overwrite` (stem_megatron.outputs).
 
-Exit status: 0 on success, 1 on an error (one line on stderr), 2 on bad arguments, 130 on Ctrl-C
-(one line; the `.partial` files are removed).
+Exit status: 0 on success, 1 on an error (one line on stderr), 2 on bad arguments or output, 130
+on Ctrl-C (one line; the `.partial` files are removed).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def run(args) -> dict:
     analysis_plots.require()
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise analysis.AnalysisError(f"--output {args.output} exists and is not a directory")
-    prepare_output(args.output, inputs=[args.model, args.dense, args.tokenizer, *args.corpus], kind="root", overwrite=True)
+    prepare_output(args.output, inputs=args.corpus, kind="root", overwrite=True)
     loaded = load_model(args.model, tokenizer=args.tokenizer)
     if not loaded.stem_layers:
         raise analysis.AnalysisError(f"{args.model}: the model has no STEM layers")
