@@ -223,6 +223,13 @@ def test_merge_refuses_a_bin_shorter_than_its_index(world, tmp_path):
     code, err = _run("stem-merge", "--input", world / "p0", tmp_path / "cut", "--output-prefix", tmp_path / "out" / "m")
     assert code == 1 and "cut.bin is 20 bytes, its .idx counts 22 (truncated)" in _one_line(err, "stem-merge")
     assert _tree(tmp_path) == before  # no out/, no partial files
+    from data_tools.merge import MergeError, merge
+
+    with open(tmp_path / "cut.bin", "ab") as f:
+        f.write(bytes(6))  # now one token too many: every later input's documents would shift
+    with pytest.raises(MergeError, match="cut.bin is 26 bytes, its .idx counts 22 .longer than its index says"):
+        merge([str(tmp_path / "cut"), str(world / "p0")], str(tmp_path / "out" / "m"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_merge_never_overwrites_an_existing_output_or_an_input_unasked(world, tmp_path):
