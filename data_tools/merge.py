@@ -7,11 +7,13 @@ writes `data/c_text_document.bin/.idx`: the bytes megatron-core's
 merge of `stem-preprocess --partition 0/N .. N-1/N` is byte-identical to one unpartitioned run.
 Unlike `add_index`, which holds every document's length and pointer as Python lists, the index
 is streamed in chunks: memory stays bounded whatever the number of documents. `.bin` files are
-copied in 1 MiB blocks. Output goes to `.partial` files renamed into place at the end
-(`data_tools.writer`), the `.idx` last.
+copied in 1 MiB blocks. Every input is checked before anything is written: its index
+consistent, its `.bin` exactly as long as the index counts. Output goes to `.partial` files
+renamed into place at the end (`data_tools.writer`), the `.idx` last; the command refuses an
+output that is an input, or that exists without `--overwrite` (stem_megatron.outputs).
 
-Exit status: 0 on success, 1 on an error (one line on stderr), 2 on bad arguments, 130 on Ctrl-C
-(one line; the `.partial` files are removed).
+Exit status: 0 on success, 1 on an error (one line on stderr), 2 on bad arguments or output, 130
+on Ctrl-C (one line; the `.partial` files are removed).
 """
 
 from __future__ import annotations
@@ -75,7 +77,25 @@ def _read_index(prefix: str) -> _Index:
         # a multimodal index carries a mode byte per sequence; stem-preprocess never writes one
         raise MergeError(f"index size does not match its counts (multimodal or truncated?): {idx_path}")
     idx = np.memmap(idx_path, dtype=np.uint8, mode="r") if size else None
-    return _Index(prefix, code, sequences, documents, idx)
+    index = _Index(prefix, code, sequences, documents, idx)
+    _check_sizes(index, bin_path)
+    return index
+
+
+def _check_sizes(index: _Index, bin_path: str) -> None:
+    """MergeError unless the .bin holds exactly the tokens its .idx counts (megatron reads a
+    shorter one past its end; a longer one shifts every later input's documents in the merge)."""
+    try:
+        itemsize = DType.size(DType.dtype_from_code(index.dtype_code))
+    except (KeyError, ValueError):
+        raise MergeError(f"unknown token dtype code {index.dtype_code}: {index.prefix}.idx") from None
+    if index.documents < 1 or (index.document_indices()[[0, -1]] != [0, index.sequences]).any():
+        raise MergeError(f"document index does not match its sequences (corrupt?): {index.prefix}.idx")
+    want = int(index.lengths().sum(dtype=np.int64)) * itemsize if index.sequences else 0
+    have = os.path.getsize(bin_path)
+    if have != want:
+        what = "truncated" if have < want else "longer than its index says"
+        raise MergeError(f"{bin_path} is {have:,} bytes, its .idx counts {want:,} ({what}); nothing written")
 
 
 def merge(inputs: list[str], output_prefix: str) -> tuple[int, int]:

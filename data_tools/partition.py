@@ -36,6 +36,9 @@ _PARTITION = re.compile(r"^(\d+)/(\d+)$")
 _WHITESPACE = b" \t\n\r\x0b\x0c"  # what bytes.strip() removes: a line of only these is blank
 _BOM = b"\xef\xbb\xbf"
 _CHUNK = 1 << 20
+# More partitions than any job array runs (SLURM's MaxArraySize defaults to 1001); N only sizes the
+# byte ranges, so the bound is a guard against a typo, not a cost.
+MAX_PARTITIONS = 1_000_000
 
 
 def parse_partition(text: str) -> tuple[int, int]:
@@ -44,8 +47,8 @@ def parse_partition(text: str) -> tuple[int, int]:
     if not m:
         raise InputError(f"--partition must be I/N (0-based I, e.g. 0/8), got {text!r}")
     index, count = int(m.group(1)), int(m.group(2))
-    if count < 1 or not 0 <= index < count:
-        raise InputError(f"--partition {text}: need N >= 1 and 0 <= I < N")
+    if not 1 <= count <= MAX_PARTITIONS or not 0 <= index < count:
+        raise InputError(f"--partition {text}: need 1 <= N <= {MAX_PARTITIONS:,} and 0 <= I < N")
     return index, count
 
 
@@ -55,11 +58,11 @@ def partition_bounds(files: list[InputFile], index: int, count: int) -> tuple[li
     for f in files:
         bases.append(total)
         total += os.path.getsize(f.path)
-    starts = [i * total // count for i in range(count)]
-    # bisect semantics: offset o belongs to the last partition whose start is <= o
-    # [start, end) is empty when two starts coincide (fewer bytes than partitions)
-    end = float("inf") if index == count - 1 else starts[index + 1]
-    return bases, starts[index], end
+    # offset o belongs to the last partition whose start is <= o (`owner`); [start, end) is empty
+    # when two starts coincide (fewer bytes than partitions). Only this partition's two bounds are
+    # computed: the cost does not grow with N.
+    end = float("inf") if index == count - 1 else (index + 1) * total // count
+    return bases, index * total // count, end
 
 
 def owner(starts: list[int], offset: int) -> int:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from stem_megatron.outputs import atomic_dir, prepare_output
+
 CONFIG_JSON = "config.json"
 WEIGHTS = "model.safetensors"
 
@@ -235,7 +237,6 @@ def write_export(output: str, state: dict[str, torch.Tensor], config: dict, toke
     """
     from safetensors.torch import save_file
 
-    from stem_megatron.atomic_dir import atomic_dir
     from stem_megatron.hf import AUTO_MAP, copy_model_files, generation_config
 
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
@@ -305,7 +306,7 @@ def export(ckpt_path: str, output: str, dtype: str = "float32", tokenizer: str |
     The arguments (output, tokenizer against the checkpoint's vocabulary) are checked before any
     tensor is read; `write_export` writes under a temporary name and leaves nothing on failure.
     """
-    check_output(output)
+    prepare_output(output, inputs=[ckpt_path], kind="dir")  # UserError, exit 2
     ckpt, meta, cfg = _checkpoint_meta(ckpt_path)
     tok = check_tokenizer(tokenizer, ckpt, meta, cfg)  # arguments first, then the (long) verification
     ckpt, meta, cfg, state = read_checkpoint(ckpt)
@@ -316,23 +317,6 @@ def export(ckpt_path: str, output: str, dtype: str = "float32", tokenizer: str |
 
 class ExportArgumentError(ValueError):
     """An argument of stem-export that cannot work (exit 2); checked before anything is loaded."""
-
-
-def check_output(output: str) -> None:
-    """`output` is absent (under a writable directory) or an empty, writable directory."""
-    out = os.path.abspath(output)
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise ExportArgumentError(f"--output {output} is a file; give a directory to create")
-    if os.path.isdir(out) and os.listdir(out):
-        raise ExportArgumentError(f"--output {output} exists and is not empty")
-    probe = os.path.dirname(out)
-    while not os.path.lexists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ExportArgumentError(f"--output {output}: {probe} is a file, not a directory")
-    for d in (out, probe) if os.path.isdir(out) else (probe,):
-        if not os.access(d, os.W_OK):
-            raise ExportArgumentError(f"--output {output}: {d} is not writable")
 
 
 def check_tokenizer(tokenizer: str | None, ckpt: str, meta: dict, cfg) -> tuple[str, str] | None:

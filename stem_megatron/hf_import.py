@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import torch
+
+from stem_megatron.outputs import prepare_output, staged
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 INDEX = "model.safetensors.index.json"
@@ -320,21 +321,22 @@ def _copy_tokenizer(cfg, hf: HFCheckpoint, ckpt_dir: str) -> dict | None:
 
 def import_hf(hf_dir: str, cfg, output: str, table_init: str = "up_proj") -> str:
     """Write the weights-only checkpoint; returns its step directory. Nothing is left on failure."""
-    import megatron.core
+    from stem_megatron.training.checkpoint_format import STALE_PREFIXES
 
-    fmt, _, _ = _checkpoint_api()
     if table_init not in ("up_proj", "random"):
         raise HFImportError(f"--table-init {table_init}: expected up_proj or random")
-    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-        raise HFImportError(f"--output {output} exists and is not an empty directory")
+    # before megatron-core is imported (seconds); a killed run's leftovers do not count, and are removed
+    prepare_output(output, inputs=[hf_dir], kind="root", leftovers=STALE_PREFIXES)
+    fmt, _, _ = _checkpoint_api()
     hf = HFCheckpoint(hf_dir)
     check_compatible(hf, cfg)
     name = fmt.step_dir_name(0)
-    created = not os.path.exists(output)
-    os.makedirs(output, exist_ok=True)
-    tmp = os.path.join(output, fmt.TMP_PREFIX + name)
-    try:
-        os.makedirs(tmp)
+    if os.path.isdir(output):
+        fmt.clean_stale(output)
+    # removed on any failure, with the output directory when this run created it
+    with staged(os.path.join(output, fmt.TMP_PREFIX + name)) as tmp:
+        import megatron.core
+
         bf16 = cfg.train.precision == "bf16"
         _save_dense(_dense_state(hf, cfg, torch.bfloat16 if bf16 else torch.float32), tmp)
         tables = _write_tables(hf, cfg, tmp, table_init)
@@ -359,8 +361,3 @@ def import_hf(hf_dir: str, cfg, output: str, table_init: str = "up_proj") -> str
         }
         fmt.write_json_atomic(os.path.join(tmp, fmt.META), meta)
         return fmt.seal_and_publish(tmp, output, name, 0, fmt.describe_files(tmp, fmt.list_files(tmp)))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created:
-            shutil.rmtree(output, ignore_errors=True)
-        raise

@@ -32,6 +32,8 @@ import time
 
 import torch
 
+from stem_megatron.outputs import prepare_output, staged
+
 
 def target_config(saved, overrides: list[str]):
     """The saved config with layout overrides applied (ConfigError on a bad key, value or rule)."""
@@ -90,28 +92,21 @@ def write_tables(reader, out_dir: str, tp: int, shard: int) -> list[dict]:
     return entries
 
 
-def check_output(src: str, output_root: str, step_name: str, overwrite: bool) -> None:
-    """ConfigError unless `output_root` may receive `step_name`: not the input's save directory nor
-    inside the input (symlinks resolved), a directory (or absent) that is writable and empty; with
-    `overwrite`, a save directory whose same step is replaced."""
+def check_output(input_path: str, src: str, output_root: str, step_name: str, overwrite: bool) -> None:
+    """UserError / ConfigError (exit 2) unless `output_root` may receive `step_name`: not the input,
+    nor inside it or inside the save directory holding it (symlinks resolved), a directory (or
+    absent) that can be written in and is empty but for a killed run's leftovers; with `overwrite`,
+    a save directory whose same step is replaced."""
     from stem_megatron.config import ConfigError
     from stem_megatron.training import checkpoint_format as fmt
 
+    save_dir = os.path.dirname(src) if fmt.step_of(os.path.basename(src)) is not None else None
+    prepare_output(output_root, inputs=[input_path, src, save_dir], kind="root", overwrite=True,
+                   leftovers=fmt.STALE_PREFIXES)
     out = os.path.realpath(output_root)
-    src_real = os.path.realpath(src)
-    if out in (os.path.dirname(src_real), src_real) or out.startswith(src_real + os.sep):
-        raise ConfigError(f"--output {output_root}: is the input's save directory or inside the input checkpoint "
-                          f"({src_real}); write to another directory")
-    probe = out
-    while not os.path.lexists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ConfigError(f"--output {output_root}: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK):
-        raise ConfigError(f"--output {output_root}: {probe} is not writable")
-    if probe != out:
+    if not os.path.isdir(out):
         return  # output does not exist yet
-    entries = [n for n in os.listdir(out) if not n.startswith((fmt.TMP_PREFIX, fmt.TRASH_PREFIX, fmt.REPLACED_PREFIX))]
+    entries = [n for n in os.listdir(out) if not n.startswith(fmt.STALE_PREFIXES)]
     if not entries:
         return
     if not overwrite:
@@ -127,15 +122,14 @@ def check_output(src: str, output_root: str, step_name: str, overwrite: bool) ->
 def reshard(input_path: str, output_root: str, world_size: int, overrides: list[str],
             overwrite: bool = False) -> tuple[str, dict, dict]:
     """Write the resharded checkpoint; returns (its directory, source layout, target layout)."""
-    from stem_megatron.stem.table_io import TableReader
     from stem_megatron.training import checkpoint_format as fmt
     from stem_megatron.training.checkpoint_format import CheckpointError
     from stem_megatron.training.checkpoint_meta import (
-        RNG_LAYOUT_KEYS,
         check_compatible,
         layout_of,
         read_meta,
         saved_config,
+        weights_only,
     )
 
     src = fmt.resolve(input_path)
@@ -143,16 +137,27 @@ def reshard(input_path: str, output_root: str, world_size: int, overrides: list[
         raise CheckpointError(f"{input_path}: no checkpoint there")
     meta, saved = read_meta(src), saved_config(src)
     name = fmt.step_dir_name(meta["step"])
-    check_output(src, output_root, name, overwrite)  # before the long verify: arguments first
+    check_output(input_path, src, output_root, name, overwrite)  # before the long verify: arguments first
+    if weights_only(meta):
+        raise CheckpointError(f"checkpoint {src} is weights-only (stem-import): it has no optimizer state to "
+                              "reshard, and stem-train --load reads it at any layout as it is")
     cfg = target_config(saved, overrides)
     layout = layout_of(cfg, world_size)  # validates the world (ConfigError)
     fmt.verify(src)
     for note in check_compatible(cfg, meta, saved, src, meta["bf16"]):
         print(f"stem-reshard: note: {note}")
-    os.makedirs(output_root, exist_ok=True)
-    fmt.clean_stale(output_root)
-    tmp = os.path.join(output_root, fmt.TMP_PREFIX + name)
-    os.makedirs(tmp)
+    if os.path.isdir(output_root):
+        fmt.clean_stale(output_root)
+    with staged(os.path.join(output_root, fmt.TMP_PREFIX + name)) as tmp:  # removed on any failure
+        return _write(src, tmp, output_root, name, meta, cfg, layout)
+
+
+def _write(src: str, tmp: str, output_root: str, name: str, meta: dict, cfg, layout: dict) -> tuple[str, dict, dict]:
+    """Fill `tmp` with the target layout's checkpoint and publish it as `output_root/name`."""
+    from stem_megatron.stem.table_io import TableReader
+    from stem_megatron.training import checkpoint_format as fmt
+    from stem_megatron.training.checkpoint_meta import RNG_LAYOUT_KEYS
+
     _copy_dense(src, tmp)
     new_meta = dict(meta)
     if meta["tables"] is not None:

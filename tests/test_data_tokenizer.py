@@ -104,7 +104,7 @@ def test_train_tokenizer_cli(tmp_path, capsys):
     tok = load_tokenizer(out)
     assert tok.vocab_size == 300 and tok.eod == 0
     assert all(tok.decode(tok.encode(doc)) == doc for doc in DOCUMENTS)
-    assert not list(tmp_path.glob("tok/*.partial"))
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["tokenizer.json"]  # no temporary left
 
 
 def test_train_tokenizer_cli_errors(tmp_path, capsys):

@@ -19,6 +19,7 @@ from collections import Counter
 
 from stem_megatron.cli.args import OneLineParser, int_at_least, positive_int
 from stem_megatron.cli.inputs import read_texts, say_skipped
+from stem_megatron.outputs import prepare_output
 
 
 def parse_args(argv):
@@ -51,6 +52,7 @@ def run(args) -> dict:
     analysis_plots.require()
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise analysis.AnalysisError(f"--output {args.output} exists and is not a directory")
+    prepare_output(args.output, inputs=args.corpus, kind="root", overwrite=True)
     loaded = load_model(args.model, tokenizer=args.tokenizer)
     if not loaded.stem_layers:
         raise analysis.AnalysisError(f"{args.model}: the model has no STEM layers")

@@ -19,6 +19,7 @@ import sys
 
 from stem_megatron import editing
 from stem_megatron.cli.args import OneLineParser, nonblank, nonneg_int, positive_int
+from stem_megatron.outputs import prepare_output
 
 DEFAULT_NEW_TOKENS = 20
 
@@ -66,6 +67,7 @@ def run(args) -> dict:
         raise editing.EditError(f"--persist needs --mode one_to_one (or auto with equal lengths); got {args.mode}")
     if args.persist and os.path.exists(args.persist) and (not os.path.isdir(args.persist) or os.listdir(args.persist)):
         raise FileExistsError(f"--persist {args.persist} exists and is not empty")
+    prepare_output(args.persist, inputs=[args.model, args.tokenizer], kind="dir", flag="--persist")
     loaded = load_model(args.model, tokenizer=args.tokenizer)
     editing.check_layers(loaded.model, layers)
     prompt_ids, plan, edit_layers = editing.prepare_edit(loaded.model, loaded.tokenizer, args.prompt, args.source,

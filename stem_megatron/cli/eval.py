@@ -29,6 +29,7 @@ from collections import Counter
 from stem_megatron.cli.args import OneLineParser, float_list, fraction, int_list, positive_int, seed
 from stem_megatron.cli.inputs import parse_device, read_texts, say_skipped
 from stem_megatron.errors import UserError
+from stem_megatron.outputs import prepare_output
 
 _OVERRIDE = re.compile(r"^[A-Za-z_]+(\.[A-Za-z_]+)+=")
 
@@ -145,6 +146,7 @@ def run_niah(args) -> dict:
     if os.path.exists(args.output) and (not os.path.isdir(args.output) or os.listdir(args.output)):
         raise _Fail(2, f"--output {args.output} exists and is not an empty directory")
     device = parse_device(args.device)
+    prepare_output(args.output, inputs=[args.model, args.haystack], kind="dir")
     try:
         info = describe(args.model)
     except ModelLoadError as e:

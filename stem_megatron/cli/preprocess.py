@@ -15,6 +15,8 @@ from data_tools.preprocess import PROG, PreprocessOptions, format_summary, prepr
 from data_tools.preprocess import __doc__ as preprocess_doc
 from data_tools.records import StrictError
 from stem_megatron.data.tokenizer import TOKENIZER_KINDS, TokenizerError
+from stem_megatron.errors import UserError
+from stem_megatron.outputs import prepare_output
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +72,10 @@ def check_output_prefix(prefix: str) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise ValueError(f"--output-prefix {prefix}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"--output-prefix {prefix}: {parent} is not writable")
+    try:  # a probe file, not permission bits: root ignores those, not a read-only mount
+        prepare_output(prefix, kind="file", overwrite=True, flag="--output-prefix")
+    except UserError as err:
+        raise ValueError(str(err)) from None
 
 
 def available_cores() -> int:

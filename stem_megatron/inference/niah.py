@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stem_megatron.atomic_dir import atomic_dir
+from stem_megatron.outputs import atomic_dir
 
 NEEDLE = " The passkey is {key}. Remember it. {key} is the passkey."
 QUESTION = " What is the passkey? The passkey is"

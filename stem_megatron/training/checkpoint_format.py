@@ -31,6 +31,8 @@ import os
 import re
 import shutil
 
+from stem_megatron import outputs
+
 STEP_PREFIX = "step_"
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -39,9 +41,10 @@ CONFIG = "config.yaml"
 TABLES = "tables"
 RNG = "rng"
 TOKENIZER = "tokenizer"
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = outputs.TMP_PREFIX  # the temporary-name rule every output shares
 TRASH_PREFIX = ".deleting-"
 REPLACED_PREFIX = ".replaced-"
+STALE_PREFIXES = (TMP_PREFIX, TRASH_PREFIX, REPLACED_PREFIX)  # what interrupted saves leave in a save directory
 FORMAT = "stem-checkpoint"
 VERSION = 1
 _STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d+)$")
