@@ -29,6 +29,7 @@ import torch.distributed as dist
 from stem_megatron.cli import EXIT_CHECKPOINT, UserError, one_line
 from stem_megatron.config import ExperimentConfig
 from stem_megatron.flops import flops_per_token
+from stem_megatron.megatron_version import require_tested
 from stem_megatron.stem.engine import StemIndexError, table_grad_sq_norm
 from stem_megatron.training.batches import StepBatches
 from stem_megatron.training.checkpoint_format import CheckpointError
@@ -36,6 +37,8 @@ from stem_megatron.training.lr_schedule import dense_schedule, table_schedule
 from stem_megatron.training.metrics import MetricsLogger
 from stem_megatron.training.offload_metrics import OffloadMeter
 from stem_megatron.training.preflight import default_log_dir, load_checked_tokenizer
+
+require_tested()  # an untested megatron-core stops here with one line (megatron_version.py)
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "H800": 989e12, "B200": 2250e12}
 
