@@ -58,16 +58,32 @@ def use_in_process_write_results() -> None:
 
 
 def rank_local_write_sites() -> list[tuple[object, str, str]]:
-    """(owner, attribute, what it writes) of the writes one rank makes between megatron's collectives."""
+    """(owner, attribute, what it writes) of the writes one rank makes between megatron's collectives.
+
+    megatron-core 0.16 writes the common (non-tensor) state as rank 0's `common.pt` through
+    `TorchCommonSaveStrategy.save_common`; 0.19 removed that strategy and saves the common state as a
+    `ShardedObject` inside the collective torch_dist save (no `common.pt`; docs/megatron_versions.md).
+    """
     from megatron.core.dist_checkpointing import serialization
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-    return [
-        (TorchCommonSaveStrategy, "save_common", "common.pt"),  # rank 0, then the sharded save's planning
+    sites = [
         (FileSystemWriterAsync, "finish", ".metadata"),  # the coordinator, then a broadcast
         (serialization, "save_config", "metadata.json"),  # rank 0, then a barrier
     ]
+    if writes_common_pt():
+        from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
+
+        sites.insert(0, (TorchCommonSaveStrategy, "save_common", "common.pt"))  # rank 0, then the planning
+    return sites
+
+
+def writes_common_pt() -> bool:
+    """Whether the installed megatron-core's dist_checkpointing.save writes `common.pt` (0.16 line)."""
+    from stem_megatron.megatron_version import installed_version
+
+    version = installed_version()
+    return version is None or version.release < (0, 19)
 
 
 @contextlib.contextmanager
@@ -75,7 +91,7 @@ def _rank_local_writes_deferred(errors: list[str]):
     """During a save, megatron's rank-local writes record their failure in `errors` instead of raising.
 
     `dist_checkpointing.save` agrees on the outcome of the tensor shard writes (it gathers every
-    rank's write results and raises on all ranks), but rank 0's `common.pt`, the coordinator's
+    rank's write results and raises on all ranks), but rank 0's `common.pt` (0.16 only), the coordinator's
     `.metadata` and rank 0's `metadata.json` are written between collectives: raised there, the
     other ranks would wait in the next collective until the process-group timeout. Deferred, the
     save runs to its end on every rank and the caller agrees on the outcome.
