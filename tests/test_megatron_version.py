@@ -105,3 +105,20 @@ def test_override_lets_the_model_and_compat_load_with_one_warning():
     """, override=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "loaded", proc.stderr[-2000:]
     assert proc.stderr.count("megatron-core 0.18.2 is untested") == 1, proc.stderr[-2000:]
+
+
+def test_tools_hide_gpt_model_deprecation_log_only(caplog, monkeypatch):
+    # megatron-core 0.19 logs "GPTModel IS DEPRECATED ..." for every model built (docs/megatron_versions.md).
+    import logging
+
+    from stem_megatron import cli
+
+    logger = logging.getLogger("megatron.core.models.gpt.gpt_model")
+    monkeypatch.setattr(logger, "filters", [])
+    cli.quiet_known_warnings()
+    cli.quiet_known_warnings()  # idempotent: one filter
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING):
+        logger.warning("GPTModel IS DEPRECATED. GPTModel is only accepting critical bug fixes")
+        logger.warning("something else from gpt_model")
+    assert [r.getMessage() for r in caplog.records] == ["something else from gpt_model"]
