@@ -122,3 +122,28 @@ def test_apply_is_inactive_with_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(compat, "_APPLIED", False)
     assert compat.apply() is False
+
+
+def _ddp_grad_sync(rank, world_size):
+    compat.apply()
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    parallel_state.initialize_model_parallel(1, 1)
+    config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1)
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 2, bias=False)
+    ddp = DistributedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+                                  module=module)
+    x = torch.randn(3, 4)
+    ddp(x).square().sum().backward()
+    # megatron 0.19: start_grad_sync asks torch.cuda.current_stream() before every reduction.
+    finalize_model_grads([ddp])
+    want = 2 * (x @ module.weight.detach().t()).t() @ x
+    assert torch.allclose(module.weight.main_grad, want, atol=1e-5)
+
+
+def test_ddp_gradient_reduction_runs_on_cpu():
+    run_distributed(_ddp_grad_sync, world_size=1, timeout=120)
