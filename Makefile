@@ -53,7 +53,7 @@ setup-py312:
 	echo "setup-py312: $$py -> $(VENV312); downloading from PyPI: torch 2.13.0 for CPython 3.12 (the CUDA 13 build: several GB with its nvidia-* libraries and triton, 5.7 GB installed; runs on CPU), megatron-core 0.19.x and the .[dev,plot] extras"; \
 	if [ ! -x $(PY312) ]; then "$$py" -m venv $(VENV312) || { echo "setup-py312: '$$py -m venv $(VENV312)' failed" >&2; exit 1; }; fi; \
 	if ! { $(PY312) -m pip install 'torch==2.13.0' && $(PY312) -m pip install -e '.[dev,plot]'; } > $(VENV312)/install.log 2>&1; then \
-	    echo "setup-py312: pip install failed: $$(grep -E '^(ERROR|error)' $(VENV312)/install.log | tail -1 | cut -c1-300) (full log: $(VENV312)/install.log)" >&2; exit 1; fi; \
+	    echo "setup-py312: pip install failed: $$(grep -E '^(ERROR|error)' $(VENV312)/install.log | head -1 | cut -c1-300) (full log: $(VENV312)/install.log)" >&2; exit 1; fi; \
 	$(PY312) -c "import torch, megatron.core, stem_megatron.megatron_version as v; print('setup-py312: python 3.12 | torch', torch.__version__, '| megatron-core', v.installed_version(), '| tested line', v.tested_line(v.installed_version()))"
 
 # The 3.12 lane's focused suite (LANE312_TESTS) in $(VENV312); needs `make setup-py312` first.
