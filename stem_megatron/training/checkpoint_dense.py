@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 
 import torch
 
@@ -116,6 +117,26 @@ def _rank_local_writes_deferred(errors: list[str]):
             setattr(owner, name, fn)
 
 
+class _WriterErrors(logging.Handler):
+    """Collects the shard-writer errors megatron-core 0.19 only logs on the failing rank.
+
+    0.19's FileSystemWriterAsync logs a failed write's exception ("Local worker 0 encountered an
+    error: [Errno 28] No space left on device") and raises a RuntimeError naming only its type
+    (docs/megatron_versions.md); 0.16.1 raises the exception itself."""
+
+    LOGGER = "megatron.core.dist_checkpointing.strategies.filesystem_async"
+    PREFIX = "Local worker "
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(self.PREFIX) and "encountered an error: " in message:
+            self.messages.append(message.split("encountered an error: ", 1)[1])
+
+
 def save(trainer, ckpt_dir: str) -> None:
     """Write the dense model and optimizer state into `ckpt_dir`. Collective over the world.
 
@@ -126,20 +147,30 @@ def save(trainer, ckpt_dir: str) -> None:
     from torch.distributed.checkpoint import CheckpointException
 
     from stem_megatron import compat
+    from stem_megatron.training import checkpoint_collective
 
     compat.apply()
     use_in_process_write_results()
     errors: list[str] = []
+    writer_errors = _WriterErrors()
+    writer_logger = logging.getLogger(_WriterErrors.LOGGER)
+    writer_logger.addHandler(writer_errors)
     try:
         with _rank_local_writes_deferred(errors):
             dist_checkpointing.save(sharded_state_dict(trainer, is_loading=False), ckpt_dir,
                                     validate_access_integrity=True)
     except CheckpointException as e:  # a BaseException, raised on every rank (details on the coordinator)
         failures = sorted(e.failures.items())
+        logged = checkpoint_collective.all_gather(writer_errors.messages[:1])  # collective: every rank is here
         if not failures:
             raise CheckpointError("dense state: another rank failed to write its shard") from None
         rank, (exc, _) = failures[0]
-        raise CheckpointError(f"dense state: rank {rank} could not write its shard ({type(exc).__name__}: {exc})") from None
+        cause = f"{type(exc).__name__}: {exc}"
+        if rank < len(logged) and logged[rank]:  # 0.19: the reason is only in that rank's log
+            cause += f"; the writer logged: {logged[rank][0]}"
+        raise CheckpointError(f"dense state: rank {rank} could not write its shard ({cause})") from None
+    finally:
+        writer_logger.removeHandler(writer_errors)
     if errors:
         raise CheckpointError(f"dense state: {errors[0]}")
 
