@@ -16,6 +16,7 @@ setup(
         "megatron-core>=0.16.1,<0.17; python_version < '3.12'",
         "megatron-core>=0.19.2,<0.20; python_version >= '3.12'",
         "numpy>=1.24",
+        "packaging>=23",  # megatron_version.py compares megatron-core releases (megatron-core needs it too)
         "pyyaml>=6.0",
         "tensorboard>=2.14",
         "psutil>=5.9",  # dist_checkpointing's forked writer hangs without it
