@@ -401,3 +401,21 @@ def test_manifest_lists_every_file_of_a_real_checkpoint(refusals):
     names = set(manifest["files"])
     assert {fmt.META, fmt.CONFIG, *COMMON_PT, "metadata.json", ".metadata", "tables/rank00000.safetensors",
             "rng/rank00000.pt"} <= names
+
+
+def test_a_checkpoint_without_common_pt_is_refused_in_one_line_by_megatron_016(tmp_path, monkeypatch):
+    # 0.19 writes no common.pt; 0.16.1's loader would fail on it with a traceback inside megatron.
+    from stem_megatron.training import checkpoint_dense
+
+    meta = {"versions": {"megatron_core": "0.19.2+abc1234"}}
+    monkeypatch.setattr(checkpoint_dense, "writes_common_pt", lambda: True)  # the 0.16 line
+    (tmp_path / "metadata.json").write_text("{}")
+    msg = checkpoint_dense.dense_format_problem(str(tmp_path), meta)
+    assert msg is not None and "\n" not in msg
+    assert "written by megatron-core 0.19.2, which keeps the common state inside its shards (no common.pt)" in msg
+    assert msg.endswith("load it with megatron-core 0.19.x (Python 3.12)")
+    (tmp_path / "common.pt").write_bytes(b"0.16 checkpoint")
+    assert checkpoint_dense.dense_format_problem(str(tmp_path), meta) is None
+    monkeypatch.setattr(checkpoint_dense, "writes_common_pt", lambda: False)  # 0.19 reads both kinds
+    os.remove(tmp_path / "common.pt")
+    assert checkpoint_dense.dense_format_problem(str(tmp_path), meta) is None

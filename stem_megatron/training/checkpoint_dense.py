@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 
 import torch
 
@@ -77,6 +78,21 @@ def rank_local_write_sites() -> list[tuple[object, str, str]]:
 
         sites.insert(0, (TorchCommonSaveStrategy, "save_common", "common.pt"))  # rank 0, then the planning
     return sites
+
+
+def dense_format_problem(ckpt_dir: str, meta: dict) -> str | None:
+    """Why the installed megatron-core cannot read this checkpoint's dense state, or None.
+
+    0.19 reads 0.16.1's `common.pt` checkpoints, but 0.16.1 cannot read 0.19's (it looks for the
+    `common.pt` that 0.19 no longer writes, and fails inside megatron with a traceback)."""
+    if not writes_common_pt() or os.path.exists(os.path.join(ckpt_dir, "common.pt")):
+        return None
+    from stem_megatron.megatron_version import installed_version
+
+    written = str(meta.get("versions", {}).get("megatron_core", "?")).split("+")[0]  # without a git hash
+    return (f"its dense state was written by megatron-core {written}, which keeps the common state inside "
+            f"its shards (no common.pt); megatron-core {installed_version()} cannot read that: load it with "
+            "megatron-core 0.19.x (Python 3.12)")
 
 
 def writes_common_pt() -> bool:
