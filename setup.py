@@ -10,8 +10,13 @@ setup(
     packages=find_packages(include=["stem_megatron", "stem_megatron.*", "data_tools", "data_tools.*"]),
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16.1",
+        # The two tested lines (README "Supported megatron-core", stem_megatron/megatron_version.py):
+        # 0.16.1 on Python < 3.12 (`make setup`), 0.19.x on Python >= 3.12 (`make setup-py312`; 0.19
+        # ships cp312 wheels only). Anything else stops at start-up unless STEM_ALLOW_UNTESTED_MEGATRON=1.
+        "megatron-core>=0.16.1,<0.17; python_version < '3.12'",
+        "megatron-core>=0.19.2,<0.20; python_version >= '3.12'",
         "numpy>=1.24",
+        "packaging>=23",  # megatron_version.py compares megatron-core releases (megatron-core needs it too)
         "pyyaml>=6.0",
         "tensorboard>=2.14",
         "psutil>=5.9",  # dist_checkpointing's forked writer hangs without it

@@ -20,6 +20,13 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from stem_megatron.megatron_version import require_tested
+
+# Before any megatron import: an untested megatron-core stops here with one line (README, "Supported
+# megatron-core"), not with whatever its first incompatible import raises.
+require_tested()
+
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel

@@ -24,7 +24,11 @@ from stem_megatron.stem.table_io import (
 )
 from stem_megatron.testing.distributed import run_distributed
 from stem_megatron.training import checkpoint_format as fmt
+from stem_megatron.training.checkpoint_dense import writes_common_pt
 from stem_megatron.training.checkpoint_format import CheckpointError
+
+# megatron-core 0.16 writes the common state to common.pt; 0.19 keeps it inside the .distcp shards.
+COMMON_PT = ("common.pt",) if writes_common_pt() else ()
 
 V, F, LAYERS = 37, 8, [1, 4]
 
@@ -244,7 +248,11 @@ def test_megatron_write_results_queue_hook_still_exists():
     """checkpoint.use_in_process_write_results replaces this module global (a spawned Manager's queue)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    source = inspect.getsource(filesystem_async._get_write_results_queue)
+    from stem_megatron.megatron_version import installed_version
+
+    # 0.19 renamed the getter (_get_write_results_queue -> get_write_results_queue); the global stays.
+    getter = "_get_write_results_queue" if installed_version().release < (0, 19) else "get_write_results_queue"
+    source = inspect.getsource(getattr(filesystem_async, getter))
     assert "global _results_queue" in source and "if _results_queue is None" in source, source
 
 
@@ -253,12 +261,16 @@ def test_megatron_rank_local_write_sites_still_exist():
     from megatron.core.dist_checkpointing import serialization
     from megatron.core.dist_checkpointing.strategies import state_dict_saver
 
-    from stem_megatron.training.checkpoint_dense import rank_local_write_sites
+    from stem_megatron.training.checkpoint_dense import rank_local_write_sites, writes_common_pt
 
     for owner, name, _ in rank_local_write_sites():
         assert callable(owner.__dict__.get(name)), (owner, name)
     save_src = inspect.getsource(serialization.save)
-    assert "common_strategy.save_common(" in save_src and "save_config(" in save_src, save_src
+    assert "save_config(" in save_src, save_src
+    if writes_common_pt():  # 0.16: rank 0 writes common.pt between collectives
+        assert "common_strategy.save_common(" in save_src, save_src
+    else:  # 0.19: the common state rides in the collective save; no rank-local common.pt
+        assert "common_strategy" not in save_src and 'sharded_state_dict["common_state"] = ShardedObject(' in save_src
     assert "storage_writer.finish(" in inspect.getsource(state_dict_saver.save_state_dict_async_finalize)
 
 
@@ -305,7 +317,7 @@ def _refusals(rank, world_size, root):
     damage = {
         "truncated_dense": ("__0_0.distcp", lambda b: b[: len(b) // 2]),
         "corrupt_table": ("tables/rank00000.safetensors", lambda b: b[:-9] + bytes([b[-9] ^ 0xFF]) + b[-8:]),
-        "truncated_common": ("common.pt", lambda b: b[:10]),
+        **({"truncated_common": ("common.pt", lambda b: b[:10])} if COMMON_PT else {}),
         "corrupt_meta": (fmt.META, lambda b: b.replace(b'"step": 2', b'"step": 9')),
         "no_manifest": (fmt.MANIFEST, None),
     }
@@ -355,7 +367,7 @@ def refusals(tmp_path_factory):
 @pytest.mark.parametrize("name,expected", [pytest.param(n, e, id=n) for n, e in [
     ("truncated_dense", r"__0_0.distcp is \d+ bytes, the manifest says \d+ \(truncated\)$"),
     ("corrupt_table", r"tables/rank00000.safetensors has sha256 \w+\.\.\., the manifest says \w+\.\.\. \(corrupt\)$"),
-    ("truncated_common", r"common.pt is 10 bytes, the manifest says \d+ \(truncated\)$"),
+    *([("truncated_common", r"common.pt is 10 bytes, the manifest says \d+ \(truncated\)$")] if COMMON_PT else []),
     ("corrupt_meta", r"stem_checkpoint.json has sha256 .* \(corrupt\)$"),
     ("no_manifest", r"no manifest.json \(an interrupted save, or not a STEM checkpoint\)$"),
 ]])
@@ -387,5 +399,23 @@ def test_manifest_lists_every_file_of_a_real_checkpoint(refusals):
     manifest = json.load(open(os.path.join(ckpt, fmt.MANIFEST)))
     assert sorted(manifest["files"]) == fmt.list_files(ckpt)
     names = set(manifest["files"])
-    assert {fmt.META, fmt.CONFIG, "common.pt", "metadata.json", ".metadata", "tables/rank00000.safetensors",
+    assert {fmt.META, fmt.CONFIG, *COMMON_PT, "metadata.json", ".metadata", "tables/rank00000.safetensors",
             "rng/rank00000.pt"} <= names
+
+
+def test_a_checkpoint_without_common_pt_is_refused_in_one_line_by_megatron_016(tmp_path, monkeypatch):
+    # 0.19 writes no common.pt; 0.16.1's loader would fail on it with a traceback inside megatron.
+    from stem_megatron.training import checkpoint_dense
+
+    meta = {"versions": {"megatron_core": "0.19.2+abc1234"}}
+    monkeypatch.setattr(checkpoint_dense, "writes_common_pt", lambda: True)  # the 0.16 line
+    (tmp_path / "metadata.json").write_text("{}")
+    msg = checkpoint_dense.dense_format_problem(str(tmp_path), meta)
+    assert msg is not None and "\n" not in msg
+    assert "written by megatron-core 0.19.2, which keeps the common state inside its shards (no common.pt)" in msg
+    assert msg.endswith("load it with megatron-core 0.19.x (Python 3.12)")
+    (tmp_path / "common.pt").write_bytes(b"0.16 checkpoint")
+    assert checkpoint_dense.dense_format_problem(str(tmp_path), meta) is None
+    monkeypatch.setattr(checkpoint_dense, "writes_common_pt", lambda: False)  # 0.19 reads both kinds
+    os.remove(tmp_path / "common.pt")
+    assert checkpoint_dense.dense_format_problem(str(tmp_path), meta) is None

@@ -6,7 +6,8 @@
    exchange) until the process-group timeout. Every rank must raise the same StemIndexError
    within seconds.
 2. A dense (megatron dist_checkpointing) save that fails on one rank (TP2: both ranks write dense
-   shards): rank 0's `common.pt` write, then rank 1's `.distcp` shard write, each with ENOSPC. Every rank must raise the same
+   shards): rank 0's rank-local write (megatron-core 0.16: `common.pt`; 0.19, which has no
+   common.pt: `metadata.json`), then rank 1's `.distcp` shard write, each with ENOSPC. Every rank must raise the same
    one-line CheckpointError, `latest` must keep naming the previous checkpoint, no step directory
    appears, and the next save succeeds.
 """
@@ -67,12 +68,14 @@ def test_bad_token_id_under_pipeline_parallelism_fails_fast_on_every_rank():
 
 def _failing_saves(rank, world_size, root):
     import torch
+    from megatron.core.dist_checkpointing import serialization
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from stem_megatron.config import CheckpointConfig
     from stem_megatron.testing.models import reference_model, tiny_config
     from stem_megatron.training import checkpoint_format as fmt
     from stem_megatron.training.checkpoint import Checkpointer, CheckpointError
+    from stem_megatron.training.checkpoint_dense import writes_common_pt
     from stem_megatron.training.trainer import Trainer
 
     cfg = tiny_config(tp=2, deterministic=True)  # TP2: each rank writes its own dense shard
@@ -87,7 +90,7 @@ def _failing_saves(rank, world_size, root):
     def enospc(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    real_save, real_write_item = torch.save, filesystem_async._write_item
+    real_save, real_write_item, real_save_config = torch.save, filesystem_async._write_item, serialization.save_config
 
     def save_but_not_common(obj, f, *args, **kwargs):  # rank 0 writes common.pt (megatron's common state)
         if isinstance(f, str) and f.endswith("common.pt"):
@@ -97,8 +100,10 @@ def _failing_saves(rank, world_size, root):
     out = {}
     for case, failing_rank in (("common", 0), ("shard", 1)):
         if rank == failing_rank:
-            if case == "common":
+            if case == "common" and writes_common_pt():
                 torch.save = save_but_not_common
+            elif case == "common":  # 0.19: rank 0's metadata.json, written after the collective save
+                serialization.save_config = enospc
             else:
                 filesystem_async._write_item = enospc
         t0 = time.perf_counter()
@@ -109,6 +114,7 @@ def _failing_saves(rank, world_size, root):
             out[case] = str(e)
         out[case + "_seconds"] = time.perf_counter() - t0
         torch.save, filesystem_async._write_item = real_save, real_write_item
+        serialization.save_config = real_save_config
         torch.distributed.barrier()
         out[case + "_latest"] = os.path.basename(fmt.read_latest(root))
         out[case + "_dirs"] = sorted(n for n in os.listdir(root) if fmt.step_of(n) is not None)

@@ -1,8 +1,11 @@
-"""The CPU compatibility layer: every patched megatron-core site still exists, and the patches work.
+"""The CPU compatibility layer: every patched megatron-core site exists in the installed release
+exactly when the patch says it does, and the patches work.
 
-If a megatron-core upgrade removes a site, `test_every_patched_site_still_exists` fails and names
-it, so the patch can be dropped. The behavioural tests run megatron code paths that fail on a
-CUDA-less machine without the layer (shown in a fresh interpreter) and pass with it.
+Each patch names the megatron-core versions that have its site. For the installed release (each CI
+lane runs this file on its own: 0.16.1 on Python 3.11, 0.19.x on Python 3.12), a patch that applies
+must find its site (an upgrade that removes one fails here and names it) and a patch that does not
+apply must find none (its range is not too narrow). The behavioural tests run megatron code paths
+that fail on a CUDA-less machine without the layer (shown in a fresh interpreter) and pass with it.
 """
 
 import importlib
@@ -14,26 +17,55 @@ import textwrap
 import pytest
 import torch
 
-from stem_megatron import compat
+from stem_megatron import compat, megatron_version
 from stem_megatron.testing.distributed import run_distributed
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU layer is inactive where CUDA exists")
 
-
-@pytest.mark.parametrize("patch", compat.MODULE_PATCHES, ids=lambda p: p.module.rsplit(".", 1)[-1])
-def test_every_patched_site_still_exists(patch):
-    source = inspect.getsource(importlib.import_module(patch.module))
-    assert patch.marker in source, f"{patch.module}: site gone ({patch.site}); drop this patch"
+INSTALLED = megatron_version.installed_version()
 
 
-@pytest.mark.parametrize("patch", compat.SCOPED_PATCHES, ids=lambda p: p.target.rsplit(":", 1)[-1])
-def test_every_scoped_site_still_exists(patch):
-    module_name, qualname = patch.target.split(":")
+def test_installed_megatron_is_a_tested_release():
+    assert megatron_version.tested_line(INSTALLED) is not None, (
+        f"megatron-core {INSTALLED} is outside {megatron_version.TESTED_RANGE}")
+
+
+def _module_source(name: str) -> str:
+    return inspect.getsource(importlib.import_module(name))
+
+
+def _function_source(target: str) -> str:
+    module_name, qualname = target.split(":")
     owner = importlib.import_module(module_name)
     for part in qualname.split("."):
         owner = getattr(owner, part)
-    fn = inspect.unwrap(owner)
-    assert patch.marker in inspect.getsource(fn), f"{patch.target}: site gone ({patch.site})"
+    return inspect.getsource(inspect.unwrap(owner))
+
+
+def _check_site(patch, has_site: bool, where: str) -> None:
+    if compat.applies(patch, INSTALLED):
+        assert has_site, f"{where}: site gone in megatron-core {INSTALLED} ({patch.site}); narrow `versions`"
+    else:
+        assert not has_site, (f"{where}: site present in megatron-core {INSTALLED}, outside the patch's "
+                              f"versions {patch.versions!r} ({patch.site}); widen `versions`")
+
+
+@pytest.mark.parametrize("patch", compat.MODULE_PATCHES,
+                         ids=lambda p: p.module.rsplit(".", 1)[-1] + "@" + p.versions)
+def test_every_module_site_matches_its_versions(patch):
+    _check_site(patch, patch.marker in _module_source(patch.module), patch.module)
+
+
+@pytest.mark.parametrize("patch", compat.SCOPED_PATCHES, ids=lambda p: p.target.rsplit(":", 1)[-1])
+def test_every_scoped_site_matches_its_versions(patch):
+    _check_site(patch, patch.marker in _function_source(patch.target), patch.target)
+
+
+@pytest.mark.parametrize("patch", compat.FUNCTION_PATCHES, ids=lambda p: p.target.rsplit(":", 1)[-1])
+def test_every_replaced_function_exists(patch):
+    module_name, name = patch.target.split(":")
+    module = importlib.import_module(module_name)
+    _check_site(patch, callable(getattr(module, name, None)), patch.target)
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -90,3 +122,28 @@ def test_apply_is_inactive_with_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(compat, "_APPLIED", False)
     assert compat.apply() is False
+
+
+def _ddp_grad_sync(rank, world_size):
+    compat.apply()
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    parallel_state.initialize_model_parallel(1, 1)
+    config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1)
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 2, bias=False)
+    ddp = DistributedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+                                  module=module)
+    x = torch.randn(3, 4)
+    ddp(x).square().sum().backward()
+    # megatron 0.19: start_grad_sync asks torch.cuda.current_stream() before every reduction.
+    finalize_model_grads([ddp])
+    want = 2 * (x @ module.weight.detach().t()).t() @ x
+    assert torch.allclose(module.weight.main_grad, want, atol=1e-5)
+
+
+def test_ddp_gradient_reduction_runs_on_cpu():
+    run_distributed(_ddp_grad_sync, world_size=1, timeout=120)

@@ -24,7 +24,8 @@ What every command does with a failure: one line, the documented exit code, once
   (config validation, files every rank reads) or made so by `stem_megatron.errors.agree`, which
   every rank calls at the same point of a collective phase.
 - `quiet_known_warnings` hides the third-party deprecation and future warnings that say nothing
-  about the user's run (listed in KNOWN_WARNINGS); unknown warnings stay visible.
+  about the user's run (listed in KNOWN_WARNINGS, and log records in KNOWN_LOG_RECORDS); unknown
+  warnings stay visible.
 
 Exit codes (docs/errors.md): 0 done, 1 a bug (traceback), 2 input or configuration error, 3
 non-finite abort, 4 checkpoint error, 130 interrupted.
@@ -32,6 +33,7 @@ non-finite abort, 4 checkpoint error, 130 interrupted.
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import warnings
@@ -65,11 +67,31 @@ KNOWN_WARNINGS = (
     (UserWarning, r".*TypedStorage is deprecated.*", r".*"),
 )
 
+# (logger name, message prefix) of log records third-party code emits on every run, same idea.
+KNOWN_LOG_RECORDS = (
+    # megatron-core 0.19: every GPTModel(...) logs its deprecation in favour of HybridModel
+    # (docs/megatron_versions.md); the model still builds and computes the reference function.
+    ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED"),
+)
+
+
+class _DropKnownRecord(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
 
 def quiet_known_warnings() -> None:
     """Hide KNOWN_WARNINGS in this process; every other warning still shows."""
     for category, message, module in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name, prefix in KNOWN_LOG_RECORDS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownRecord) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropKnownRecord(prefix))
 
 
 def say(prog: str, message: str, *, every_rank: bool = False) -> None:

@@ -37,6 +37,10 @@ from collections.abc import Callable
 
 import torch
 
+from stem_megatron.megatron_version import require_tested
+
+require_tested()  # before the first megatron import of a run: an untested release is one line
+
 with warnings.catch_warnings():  # megatron.core's import warns about missing TE/apex
     warnings.simplefilter("ignore")
     from megatron.core.datasets.blended_dataset import BlendedDataset

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import os
 
 import torch
 
@@ -58,16 +60,47 @@ def use_in_process_write_results() -> None:
 
 
 def rank_local_write_sites() -> list[tuple[object, str, str]]:
-    """(owner, attribute, what it writes) of the writes one rank makes between megatron's collectives."""
+    """(owner, attribute, what it writes) of the writes one rank makes between megatron's collectives.
+
+    megatron-core 0.16 writes the common (non-tensor) state as rank 0's `common.pt` through
+    `TorchCommonSaveStrategy.save_common`; 0.19 removed that strategy and saves the common state as a
+    `ShardedObject` inside the collective torch_dist save (no `common.pt`; docs/megatron_versions.md).
+    """
     from megatron.core.dist_checkpointing import serialization
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-    return [
-        (TorchCommonSaveStrategy, "save_common", "common.pt"),  # rank 0, then the sharded save's planning
+    sites = [
         (FileSystemWriterAsync, "finish", ".metadata"),  # the coordinator, then a broadcast
         (serialization, "save_config", "metadata.json"),  # rank 0, then a barrier
     ]
+    if writes_common_pt():
+        from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
+
+        sites.insert(0, (TorchCommonSaveStrategy, "save_common", "common.pt"))  # rank 0, then the planning
+    return sites
+
+
+def dense_format_problem(ckpt_dir: str, meta: dict) -> str | None:
+    """Why the installed megatron-core cannot read this checkpoint's dense state, or None.
+
+    0.19 reads 0.16.1's `common.pt` checkpoints, but 0.16.1 cannot read 0.19's (it looks for the
+    `common.pt` that 0.19 no longer writes, and fails inside megatron with a traceback)."""
+    if not writes_common_pt() or os.path.exists(os.path.join(ckpt_dir, "common.pt")):
+        return None
+    from stem_megatron.megatron_version import installed_version
+
+    written = str(meta.get("versions", {}).get("megatron_core", "?")).split("+")[0]  # without a git hash
+    return (f"its dense state was written by megatron-core {written}, which keeps the common state inside "
+            f"its shards (no common.pt); megatron-core {installed_version()} cannot read that: load it with "
+            "megatron-core 0.19.x (Python 3.12)")
+
+
+def writes_common_pt() -> bool:
+    """Whether the installed megatron-core's dist_checkpointing.save writes `common.pt` (0.16 line)."""
+    from stem_megatron.megatron_version import installed_version
+
+    version = installed_version()
+    return version is None or version.release < (0, 19)
 
 
 @contextlib.contextmanager
@@ -75,7 +108,7 @@ def _rank_local_writes_deferred(errors: list[str]):
     """During a save, megatron's rank-local writes record their failure in `errors` instead of raising.
 
     `dist_checkpointing.save` agrees on the outcome of the tensor shard writes (it gathers every
-    rank's write results and raises on all ranks), but rank 0's `common.pt`, the coordinator's
+    rank's write results and raises on all ranks), but rank 0's `common.pt` (0.16 only), the coordinator's
     `.metadata` and rank 0's `metadata.json` are written between collectives: raised there, the
     other ranks would wait in the next collective until the process-group timeout. Deferred, the
     save runs to its end on every rank and the caller agrees on the outcome.
@@ -100,6 +133,26 @@ def _rank_local_writes_deferred(errors: list[str]):
             setattr(owner, name, fn)
 
 
+class _WriterErrors(logging.Handler):
+    """Collects the shard-writer errors megatron-core 0.19 only logs on the failing rank.
+
+    0.19's FileSystemWriterAsync logs a failed write's exception ("Local worker 0 encountered an
+    error: [Errno 28] No space left on device") and raises a RuntimeError naming only its type
+    (docs/megatron_versions.md); 0.16.1 raises the exception itself."""
+
+    LOGGER = "megatron.core.dist_checkpointing.strategies.filesystem_async"
+    PREFIX = "Local worker "
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(self.PREFIX) and "encountered an error: " in message:
+            self.messages.append(message.split("encountered an error: ", 1)[1])
+
+
 def save(trainer, ckpt_dir: str) -> None:
     """Write the dense model and optimizer state into `ckpt_dir`. Collective over the world.
 
@@ -110,20 +163,30 @@ def save(trainer, ckpt_dir: str) -> None:
     from torch.distributed.checkpoint import CheckpointException
 
     from stem_megatron import compat
+    from stem_megatron.training import checkpoint_collective
 
     compat.apply()
     use_in_process_write_results()
     errors: list[str] = []
+    writer_errors = _WriterErrors()
+    writer_logger = logging.getLogger(_WriterErrors.LOGGER)
+    writer_logger.addHandler(writer_errors)
     try:
         with _rank_local_writes_deferred(errors):
             dist_checkpointing.save(sharded_state_dict(trainer, is_loading=False), ckpt_dir,
                                     validate_access_integrity=True)
     except CheckpointException as e:  # a BaseException, raised on every rank (details on the coordinator)
         failures = sorted(e.failures.items())
+        logged = checkpoint_collective.all_gather(writer_errors.messages[:1])  # collective: every rank is here
         if not failures:
             raise CheckpointError("dense state: another rank failed to write its shard") from None
         rank, (exc, _) = failures[0]
-        raise CheckpointError(f"dense state: rank {rank} could not write its shard ({type(exc).__name__}: {exc})") from None
+        cause = f"{type(exc).__name__}: {exc}"
+        if rank < len(logged) and logged[rank]:  # 0.19: the reason is only in that rank's log
+            cause += f"; the writer logged: {logged[rank][0]}"
+        raise CheckpointError(f"dense state: rank {rank} could not write its shard ({cause})") from None
+    finally:
+        writer_logger.removeHandler(writer_errors)
     if errors:
         raise CheckpointError(f"dense state: {errors[0]}")
 

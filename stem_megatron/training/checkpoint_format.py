@@ -5,7 +5,8 @@
         manifest.json              size + sha256 of every other file; written last, before the rename
         stem_checkpoint.json       step, data position, layouts, table index, versions
         config.yaml                the resolved experiment config
-        metadata.json common.pt .metadata __*_*.distcp    megatron dist_checkpointing (torch_dist)
+        metadata.json common.pt .metadata __*_*.distcp    megatron dist_checkpointing (torch_dist;
+                                   megatron-core 0.19 writes no common.pt)
         tables/rank*.safetensors   STEM tables + RowSparseAdamW state (stem/table_io.py)
         rng/rank*.pt               RNG states per rank
         tokenizer/                 a copy of data.tokenizer, when the config names one

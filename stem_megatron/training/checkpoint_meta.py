@@ -84,6 +84,11 @@ def check_compatible(cfg: ExperimentConfig, meta: dict, saved: ExperimentConfig,
             fail(f"saved with model.{name}={a}, this run has {b}")
     if saved.stem_layers != cfg.stem_layers:
         fail(f"saved with STEM layers {saved.stem_layers}, this run has {cfg.stem_layers}")
+    from stem_megatron.training.checkpoint_dense import dense_format_problem  # megatron-core line
+
+    problem = dense_format_problem(ckpt_dir, meta)
+    if problem:
+        fail(problem)
     if weights_only(meta):
         pass  # no optimizer state to match: any optimizer starts fresh from the weights
     elif meta["layout"]["use_distributed_optimizer"] != cfg.parallel.use_distributed_optimizer:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from stem_megatron.config import ExperimentConfig
 from stem_megatron.errors import EXIT_CHECKPOINT, UserError, one_line
 from stem_megatron.flops import flops_per_token
+from stem_megatron.megatron_version import require_tested
 from stem_megatron.stem.engine import StemIndexError, table_grad_sq_norm
 from stem_megatron.training import signals
 from stem_megatron.training.batches import StepBatches
@@ -37,6 +38,8 @@ from stem_megatron.training.metrics import MetricsLogger
 from stem_megatron.training.offload_metrics import OffloadMeter
 from stem_megatron.training.preflight import default_log_dir, load_checked_tokenizer
 from stem_megatron.training.signals import StopSignals
+
+require_tested()  # an untested megatron-core stops here with one line (megatron_version.py)
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "H800": 989e12, "B200": 2250e12}
 
