@@ -124,6 +124,9 @@ fi
 # The package is used from the checkout, not installed: make `-m stem_megatron.cli.train` importable.
 PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS PYTHONPATH
+# Every rank says a failure's one line and torchrun_stderr.awk passes it once (stem_megatron.cli.say):
+# not part of the DRY_RUN line, whose command runs without that filter.
+export STEM_ALL_RANKS_SAY=1
 
 # Signals torchrun itself handles: on one of these it sends the same signal to every worker's
 # process group, waits SHUTDOWN_TIMEOUT s, SIGKILLs stragglers and exits 1. Its default list lacks

@@ -1,6 +1,7 @@
 # Filter for torchrun's stderr, used by launch/torchrun.sh (see the comment there).
 #
 # Lines pass through as they come, except:
+# - a `stem-...: ` line identical to one already passed (every rank says a failure's line);
 # - torchrun's elastic-agent failure log lines ("Sending process N closing signal", "Received N death signal",
 #   "failed (exitcode: N)"), held until the end;
 # - everything from an unprefixed "Traceback (most recent call last):" (worker tracebacks are
@@ -35,6 +36,11 @@ BEGIN { nheld = 0; nbuf = 0; last_tb = 0; seen_report = 0 }
     if ($0 ~ /^[WE][0-9]+ [0-9:.]+ [0-9]+ .*torch\/distributed\/elastic\/.*(closing signal|failed \(exitcode|death signal)/) {
         held[++nheld] = $0
         next
+    }
+    # Every rank says a failure's one line (STEM_ALL_RANKS_SAY, set by torchrun.sh): pass each once.
+    if ($0 ~ /^stem-[a-z_-]+( [a-z]+)?: /) {
+        if ($0 in said) next
+        said[$0] = 1
     }
     print
     fflush()

@@ -523,3 +523,33 @@ def test_sbatch_trap_forwards_usr1_through_srun(worker, config, tmp_path):
     assert rc == 0, output
     log = (tmp_path / "logs" / "slurm-77" / "node0.log").read_text()
     assert "torchrun.sh: SIGUSR1 -> workers" in log
+
+
+_LATE_RANK0 = '''\
+"""Stand-in command through stem_megatron.cli.run: the same bad input on every rank; rank 0 is slow
+to get there, so torchrun stops it (SIGTERM) as soon as rank 1 has exited."""
+import os, sys, time
+
+from stem_megatron import cli
+
+
+def body():
+    if os.environ["RANK"] == "0":
+        time.sleep(20)
+    raise cli.UserError(f"{sys.argv[1]}: no such file")
+
+
+sys.exit(cli.run("stem-standin", body))
+'''
+
+
+def test_a_failure_line_survives_rank_0_stopped_by_torchrun(tmp_path):
+    """A rank-0-only line was lost when another rank failed first (exit 2, empty stderr): under the
+    launcher every rank says it and the filter passes it once."""
+    (tmp_path / "stem_late.py").write_text(_LATE_RANK0)
+    r = subprocess.run(["bash", str(TORCHRUN_SH), "-m", "stem_late", "nope.jsonl"], capture_output=True,
+                       text=True, timeout=120,
+                       env=_env(PYTHONPATH=f"{tmp_path}:{REPO}", NPROC_PER_NODE=2, PYTHON=sys.executable,
+                                OMP_NUM_THREADS=1, TMPDIR=tmp_path))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == ["stem-standin: nope.jsonl: no such file"], r.stderr

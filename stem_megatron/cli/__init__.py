@@ -34,6 +34,7 @@ non-finite abort, 4 checkpoint error, 130 interrupted.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -94,9 +95,15 @@ def quiet_known_warnings() -> None:
             logger.addFilter(_DropKnownRecord(prefix))
 
 
+# Set by launch/torchrun.sh, whose stderr filter passes each distinct `stem-...: ` line once: there
+# every rank says its line. A line said by rank 0 alone is lost when another rank fails first and
+# torchrun stops rank 0 before it prints (seen under load: exit 2 and no line at all).
+ALL_RANKS_SAY_ENV = "STEM_ALL_RANKS_SAY"
+
+
 def say(prog: str, message: str, *, every_rank: bool = False) -> None:
-    """Print `prog: message` to stderr, from rank 0 only unless `every_rank`."""
-    if every_rank or rank() == 0:
+    """Print `prog: message` to stderr, from rank 0 only unless `every_rank` or under the launcher."""
+    if every_rank or rank() == 0 or os.environ.get(ALL_RANKS_SAY_ENV) == "1":
         print(f"{prog}: {message}", file=sys.stderr, flush=True)
 
 
