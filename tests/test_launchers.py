@@ -333,6 +333,8 @@ out, rank = sys.argv[sys.argv.index("--config") + 1] + ".d", os.environ["RANK"]
 interrupted = []
 
 def _stop(signum, frame):
+    if interrupted:  # as the trainer: stopping on SIGINT already; torchrun's SIGTERM to the ranks
+        return       # still running once another has exited 130 changes nothing
     with open(os.path.join(out, f"marker_{rank}"), "w") as f:
         f.write(signal.Signals(signum).name)
     sys.exit(0)
