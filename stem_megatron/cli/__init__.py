@@ -104,7 +104,10 @@ ALL_RANKS_SAY_ENV = "STEM_ALL_RANKS_SAY"
 def say(prog: str, message: str, *, every_rank: bool = False) -> None:
     """Print `prog: message` to stderr, from rank 0 only unless `every_rank` or under the launcher."""
     if every_rank or rank() == 0 or os.environ.get(ALL_RANKS_SAY_ENV) == "1":
-        print(f"{prog}: {message}", file=sys.stderr, flush=True)
+        # One write (print writes the text and the newline apart): ranks writing the same pipe at
+        # once then cannot interleave their lines (a write under PIPE_BUF bytes is atomic).
+        sys.stderr.write(f"{prog}: {message}\n")
+        sys.stderr.flush()
 
 
 class _Interrupted:

@@ -26,7 +26,9 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the project's bad-input rule); subparsers too."""
 
     def error(self, message):
-        print(f"{self.prog}: {message}", file=sys.stderr)
+        from stem_megatron import cli  # the one writer of one-line errors (one write, rank rules)
+
+        cli.say(self.prog, message, every_rank=True)
         sys.exit(2)
 
 
