@@ -266,6 +266,7 @@ def _train_steps(rank, world_size, exchange, scope, steps):
     return out
 
 
+@pytest.mark.slow  # ~28 s at 4 ranks; the default suite keeps the exchange-level equality tests
 def test_training_steps_equal_hierarchical_step_scope_vs_flat_2x2():
     """3 trainer steps at DP=4 as 2 nodes x 2, deterministic: losses, norms and tables bitwise equal."""
     runs = {
